@@ -1,0 +1,302 @@
+"""``virtsim-qemu``: the emulator as a process, command-line compatible with QEMU's subset.
+
+One script must run unchanged against ``qemu-system-x86_64`` or ``virtsim-qemu``, so the
+options, their syntax (``unix:PATH,server=on,wait=off``, keyval or JSON ``-blockdev``) and
+the failure messages follow QEMU.  Options that only matter to a real guest (memory, CPUs,
+RTC...) are accepted and ignored; anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from ..sim.errors import SimError
+from .emulator import DeviceSpec, Emulator, EmulatorConfig, MonitorSpec
+
+PROG = "qemu-system-x86_64"
+
+# options taking an argument that we accept and ignore (no guest is emulated)
+_IGNORED_WITH_ARG = {"m", "smp", "uuid", "msg", "accel", "overcommit", "rtc", "boot", "sandbox",
+                     "cpu", "global", "vga", "k", "serial", "parallel", "monitor", "L", "bios",
+                     "device-ignored", "audiodev", "vnc", "spice", "runas", "chroot", "D", "d",
+                     "trace", "incompatible-ignored"}
+_IGNORED_FLAGS = {"nodefaults", "nographic", "no-user-config", "no-shutdown", "enable-kvm",
+                  "no-reboot", "no-hpet", "no-acpi"}
+_INT_KEYS = {"size", "offset", "granularity", "cluster-size", "port", "max-connections",
+             "cbw-timeout", "iops", "bps"}
+_BOOL_KEYS = {"read-only", "auto-read-only", "read-zeroes", "force-share", "persistent",
+              "disabled", "writable", "locking"}
+
+
+class UsageError(Exception):
+    """A command-line error, printed as QEMU prints it, exit status 1."""
+
+
+def split_opts(text: str) -> list[tuple[str, str | None]]:
+    """QEMU's QemuOpts syntax: comma separated ``key=value``; ``,,`` is a literal comma."""
+    parts: list[str] = []
+    cur = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if i + 1 < len(text) and text[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    out: list[tuple[str, str | None]] = []
+    for p in parts:
+        if "=" in p:
+            k, v = p.split("=", 1)
+            out.append((k, v))
+        else:
+            out.append((p, None))
+    return out
+
+
+def _keyval_value(key: str, v: str) -> Any:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in _BOOL_KEYS:
+        if v in ("on", "true", "yes"):
+            return True
+        if v in ("off", "false", "no"):
+            return False
+    if leaf in _INT_KEYS:
+        try:
+            return int(v, 0)
+        except ValueError:
+            return v
+    return v
+
+
+def parse_blockdev(arg: str) -> dict[str, Any]:
+    """-blockdev as JSON (``{...}``) or dotted keyval (``driver=qcow2,file.filename=x``)."""
+    if arg.lstrip().startswith("{"):
+        try:
+            value = json.loads(arg)
+        except ValueError as e:
+            raise UsageError(f"-blockdev {arg}: JSON parse error, {e}") from None
+        if not isinstance(value, dict):
+            raise UsageError(f"-blockdev {arg}: Invalid JSON syntax")
+        return value
+    out: dict[str, Any] = {}
+    for i, (k, v) in enumerate(split_opts(arg)):
+        if v is None:
+            if i == 0:
+                k, v = "driver", k
+            else:
+                raise UsageError(f"-blockdev {arg}: Expected '=' after parameter '{k}'")
+        cur = out
+        keys = k.split(".")
+        for sub in keys[:-1]:
+            nxt = cur.setdefault(sub, {})
+            if not isinstance(nxt, dict):
+                raise UsageError(f"-blockdev {arg}: Parameter '{k}' used inconsistently")
+            cur = nxt
+        cur[keys[-1]] = _keyval_value(k, v)
+    return out
+
+
+def _parse_chardev_addr(arg: str, opt: str) -> MonitorSpec:
+    """``unix:PATH,server=on,wait=off`` or ``tcp:HOST:PORT,server=on,wait=off``."""
+    opts = split_opts(arg)
+    head = opts[0][0] if opts[0][1] is None else f"{opts[0][0]}={opts[0][1]}"
+    flags = {k: v for k, v in opts[1:]}
+    pretty = flags.get("pretty") in ("on", "true")
+    if "server" not in flags:
+        raise UsageError(f"-{opt} {arg}: virtsim only supports listening monitors "
+                         f"(server=on,wait=off)")
+    if head.startswith("unix:"):
+        return MonitorSpec("unix", path=head[5:], pretty=pretty)
+    if head.startswith("tcp:"):
+        host, _, port = head[4:].rpartition(":")
+        return MonitorSpec("tcp", host=host or "127.0.0.1", port=int(port), pretty=pretty)
+    raise UsageError(f"-{opt} {arg}: virtsim supports unix: and tcp: monitors only")
+
+
+def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
+    """Parse a QEMU command line into an EmulatorConfig and process options."""
+    cfg = EmulatorConfig()
+    proc: dict[str, Any] = {"daemonize": False, "pidfile": None}
+    chardevs: dict[str, MonitorSpec] = {}
+    i = 0
+
+    def need() -> str:
+        nonlocal i
+        if i + 1 >= len(argv):
+            raise UsageError(f"{argv[i]}: requires an argument")
+        i += 1
+        return argv[i]
+
+    while i < len(argv):
+        raw = argv[i]
+        if not raw.startswith("-"):
+            raise UsageError(f"{raw}: drive with bus=0, unit=0 (index=0) exists"
+                             if False else f"virtsim does not support disk image arguments: {raw}")
+        opt = raw.lstrip("-")
+        if opt in ("machine", "M"):
+            val = need()
+            kv = split_opts(val)
+            mtype = kv[0][0] if kv[0][1] is None else dict(kv).get("type", "none")
+            mtype = mtype or "none"
+            if mtype not in ("none", "pc", "q35") and not mtype.startswith(("pc-", "q35")):
+                raise UsageError(f"-machine {val}: unsupported machine type '{mtype}' "
+                                 f"(virtsim emulates none, pc and q35)")
+            cfg.machine = "pc" if mtype.startswith("pc") else ("q35" if mtype.startswith("q35")
+                                                                 else "none")
+        elif opt == "S":
+            cfg.start_paused = True
+        elif opt == "name":
+            val = need()
+            kv = split_opts(val)
+            if kv[0][1] is None:
+                cfg.name = kv[0][0]
+            else:
+                cfg.name = dict(kv).get("guest")
+        elif opt == "display":
+            val = need()
+            if split_opts(val)[0][0] != "none":
+                raise UsageError(f"-display {val}: virtsim has no display (use -display none)")
+        elif opt == "qmp":
+            cfg.monitors.append(_parse_chardev_addr(need(), "qmp"))
+        elif opt == "qmp-pretty":
+            spec = _parse_chardev_addr(need(), "qmp-pretty")
+            spec.pretty = True
+            cfg.monitors.append(spec)
+        elif opt == "chardev":
+            val = need()
+            kv = split_opts(val)
+            backend = kv[0][0]
+            d = {k: v for k, v in kv[1:]}
+            cid = d.get("id")
+            if not cid:
+                raise UsageError(f"-chardev {val}: chardev: no id specified")
+            if backend != "socket":
+                raise UsageError(f"-chardev {val}: virtsim supports socket chardevs only")
+            if "path" in d:
+                chardevs[cid] = MonitorSpec("unix", path=d["path"] or "")
+            else:
+                chardevs[cid] = MonitorSpec("tcp", host=d.get("host") or "127.0.0.1",
+                                            port=int(d.get("port") or 0))
+        elif opt == "mon":
+            val = need()
+            d = {k: v for k, v in split_opts(val)}
+            cid = d.get("chardev") or ""
+            if cid not in chardevs:
+                raise UsageError(f"-mon {val}: chardev \"{cid}\" not found")
+            if d.get("mode", "readline") != "control":
+                raise UsageError(f"-mon {val}: virtsim supports mode=control monitors only")
+            spec = chardevs[cid]
+            spec.pretty = d.get("pretty") in ("on", "true")
+            cfg.monitors.append(spec)
+        elif opt == "blockdev":
+            cfg.blockdevs.append(parse_blockdev(need()))
+        elif opt == "device":
+            val = need()
+            kv = split_opts(val)
+            driver = kv[0][0] if kv[0][1] is None else dict(kv).get("driver", "")
+            props = {k: (v or "") for k, v in kv[1:]}
+            if driver in ("virtio-scsi-pci", "virtio-scsi", "piix3-ide", "ich9-ahci",
+                          "virtio-serial-pci", "virtio-serial", "virtserialport",
+                          "pcie-root-port", "virtio-balloon-pci"):
+                continue  # controllers: nothing to simulate
+            cfg.devices.append(DeviceSpec(driver, props.get("id"), props.get("drive"), props))
+        elif opt == "daemonize":
+            proc["daemonize"] = True
+        elif opt == "pidfile":
+            proc["pidfile"] = need()
+        elif opt == "x-virtsim-seed":
+            cfg.seed = int(need())
+        elif opt in _IGNORED_FLAGS:
+            pass
+        elif opt in _IGNORED_WITH_ARG:
+            need()
+        else:
+            raise UsageError(f"{raw}: invalid option")
+        i += 1
+    return cfg, proc
+
+
+def _daemonize() -> int:
+    """Fork; the parent waits until the child is ready (like QEMU) and exits with its status."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        status = os.read(rfd, 1)
+        os._exit(0 if status == b"\0" else 1)
+    os.close(rfd)
+    os.setsid()
+    return wfd
+
+
+async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None) -> int:
+    try:
+        emu = Emulator(cfg)
+        await emu.start()
+    except SimError as e:
+        print(f"{PROG}: {e.desc}", file=sys.stderr)
+        if ready_fd is not None:
+            os.write(ready_fd, b"\1")
+        return 1
+    if proc["pidfile"]:
+        with open(proc["pidfile"], "w") as f:
+            f.write(f"{os.getpid()}\n")
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        print(f"{PROG}: terminating on signal {signum}", file=sys.stderr)
+        emu.bus.emit("SHUTDOWN", {"guest": False, "reason": "host-signal"})
+        emu.finish_quit()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+    if ready_fd is not None:
+        os.write(ready_fd, b"\0")
+        os.close(ready_fd)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+    try:
+        await emu.wait_quit()
+    finally:
+        await emu.close()
+        if proc["pidfile"]:
+            try:
+                os.unlink(proc["pidfile"])
+            except OSError:
+                pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--version", "-version"):
+        print("QEMU emulator version 7.2.22 (virtsim)")
+        return 0
+    try:
+        cfg, proc = parse_args(argv)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    ready_fd = _daemonize() if proc["daemonize"] else None
+    try:
+        return asyncio.run(_run(cfg, proc, ready_fd))
+    except SimError as e:
+        print(f"{PROG}: {e.desc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""One emulated QEMU instance: machine state, block graph, devices, monitors.
+
+The same object runs inside ``virtsim-qemu`` (a process) and embedded in a caller's
+asyncio loop; either way clients reach it only through a real QMP socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..sim import perm as P
+from ..sim.block import BlockBackend, BlockGraph, Node
+from ..sim.clock import Clock
+from ..sim.errors import SimError
+from ..sim.events import EventBus
+from . import schema
+from .commands import REGISTRY, load_all
+
+DEBIAN_VERSION = {"qemu": {"micro": 22, "minor": 2, "major": 7},
+                  "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}
+
+
+@dataclass
+class MonitorSpec:
+    """Where a QMP monitor listens: ``unix`` (path) or ``tcp`` (host, port)."""
+
+    kind: str
+    path: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    pretty: bool = False
+
+
+@dataclass
+class DeviceSpec:
+    driver: str
+    id: str | None
+    drive: str | None
+    props: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EmulatorConfig:
+    name: str | None = None
+    machine: str = "none"
+    start_paused: bool = False
+    version: dict[str, Any] = field(default_factory=lambda: dict(DEBIAN_VERSION))
+    monitors: list[MonitorSpec] = field(default_factory=list)
+    blockdevs: list[dict[str, Any]] = field(default_factory=list)
+    devices: list[DeviceSpec] = field(default_factory=list)
+    seed: int | None = None
+    echo_qemu_io: bool = True   # print qemu-io output on stdout, as QEMU does
+
+
+class Emulator:
+    """The emulator's state and the glue between monitors and the model."""
+
+    def __init__(self, config: EmulatorConfig | None = None, clock: Clock | None = None) -> None:
+        self.config = config or EmulatorConfig()
+        self.clock = clock or Clock()
+        self.rng = random.Random(self.config.seed)
+        self.bus = EventBus()
+        self.graph = BlockGraph(rng=self.rng)
+        self.graph.device_ids = self.device_ids
+        self.run_state = "prelaunch" if self.config.start_paused else "running"
+        self.devices: dict[str, BlockBackend] = {}
+        self.servers: list[Any] = []
+        self.quit_event = asyncio.Event() if _has_loop() else None
+        self._quitting = False
+        load_all()
+        for opts in self.config.blockdevs:
+            self.graph.blockdev_add(self.check_blockdev_options(opts))
+        for dev in self.config.devices:
+            self.add_device(dev)
+
+    # ----- identity -------------------------------------------------------------------
+    def version_info(self) -> dict[str, Any]:
+        return self.config.version
+
+    def command_names(self) -> list[str]:
+        return [n for n in schema.command_names() if n in REGISTRY] + ["qmp_capabilities"]
+
+    def device_ids(self) -> set[str]:
+        return set(self.devices)
+
+    # ----- run state ------------------------------------------------------------------
+    def cont_vm(self) -> None:
+        if self.run_state != "running":
+            self.run_state = "running"
+            self.bus.emit("RESUME", None)
+
+    def stop_vm(self) -> None:
+        if self.run_state == "running":
+            self.run_state = "paused"
+            self.bus.emit("STOP", None)
+
+    def powerdown(self) -> None:
+        self.bus.emit("POWERDOWN", None)
+
+    def request_quit(self) -> None:
+        """``quit``: QEMU reports SHUTDOWN before the command's reply, then exits."""
+        self._quitting = True
+        self.bus.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+
+    @property
+    def quitting(self) -> bool:
+        return self._quitting
+
+    # ----- block helpers ----------------------------------------------------------------
+    def check_blockdev_options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        drv = opts.get("driver")
+        unsupported = getattr(schema, "UNSUPPORTED_DRIVERS", set())
+        if drv in unsupported:
+            raise SimError(f"Driver '{drv}' is not supported by virtsim")
+        return opts
+
+    def add_device(self, dev: DeviceSpec) -> None:
+        if dev.driver not in ("virtio-blk-pci", "virtio-blk", "scsi-hd", "ide-hd"):
+            raise SimError(f"'{dev.driver}' is not a valid device model name")
+        if self.config.machine == "none":
+            raise SimError(f"No '{_bus_for(dev.driver)}' bus found for device '{dev.driver}'")
+        if dev.drive is None:
+            raise SimError("drive property not set")
+        node = self.graph.find_node(dev.drive)
+        if node is None:
+            raise SimError(f"Property '{dev.driver}.drive' can't find value '{dev.drive}'")
+        did = dev.id
+        if did is not None and did in self.devices:
+            raise SimError(f"Duplicate device ID '{did}'")
+        path = f"/machine/peripheral/{did}" if did else "/machine/peripheral-anon/device[0]"
+        qdev = path + "/virtio-backend" if dev.driver.startswith("virtio-blk") else path
+        ro = node.read_only
+        blk = BlockBackend(self.graph, "", qdev, read_only=ro)
+        perm = P.CONSISTENT_READ | (0 if ro else P.WRITE)
+        shared = P.CONSISTENT_READ | P.WRITE_UNCHANGED | P.RESIZE
+        if dev.props.get("share-rw") in ("on", "true"):
+            shared |= P.WRITE
+        self.graph.add_backend(blk, node, perm, shared)
+        if did:
+            self.devices[did] = blk
+
+    def resolve_qdev(self, path: str) -> BlockBackend:
+        blk = self.graph.find_backend_by_qdev(path)
+        if blk is not None:
+            return blk
+        dev = path
+        if dev.startswith("/machine/peripheral/"):
+            dev = dev[len("/machine/peripheral/"):]
+        if dev in self.devices:
+            raise SimError("Device does not have a block device backend")
+        raise SimError(f"Device '{path}' not found")
+
+    def node_for_io(self, device: str, qdev: bool) -> tuple[Node, BlockBackend | None]:
+        if qdev:
+            blk = self.resolve_qdev(device)
+            root = blk.root
+            if root is None:
+                raise SimError(f"Device '{device}' has no medium")
+            return root, blk
+        blk2 = self.graph.find_backend(device)
+        if blk2 is not None and blk2.root is not None:
+            return blk2.root, blk2
+        node = self.graph.find_node(device)
+        if node is None:
+            raise SimError(f"Cannot find device='' nor node-name='{device}'")
+        return node, None
+
+    # ----- serving --------------------------------------------------------------------
+    async def start(self) -> None:
+        from .server import MonitorServer
+
+        if self.quit_event is None:
+            self.quit_event = asyncio.Event()
+        for spec in self.config.monitors:
+            srv = MonitorServer(self, spec)
+            await srv.start()
+            self.servers.append(srv)
+
+    async def wait_quit(self) -> None:
+        assert self.quit_event is not None
+        await self.quit_event.wait()
+
+    def finish_quit(self) -> None:
+        if self.quit_event is not None:
+            self.quit_event.set()
+
+    async def close(self) -> None:
+        for srv in self.servers:
+            await srv.close()
+        self.servers.clear()
+        self.graph.close_all()
+
+    @property
+    def qmp_address(self) -> str | tuple[str, int]:
+        srv = self.servers[0]
+        return srv.address  # type: ignore[no-any-return]
+
+
+def _bus_for(driver: str) -> str:
+    return {"scsi-hd": "SCSI", "ide-hd": "IDE"}.get(driver, "PCI")
+
+
+def _has_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def embedded(config: EmulatorConfig | None = None, socket_dir: str | None = None,
+                   clock: Clock | None = None) -> AsyncIterator[Emulator]:
+    """Run an emulator inside the current loop, listening on a private unix socket.
+
+    Yields the emulator; its socket path is ``emu.qmp_address``.
+    """
+    import tempfile
+
+    config = config or EmulatorConfig()
+    tmp = None
+    if not config.monitors:
+        tmp = tempfile.mkdtemp(prefix="virtsim-", dir=socket_dir)
+        os.chmod(tmp, 0o700)
+        config.monitors.append(MonitorSpec("unix", path=os.path.join(tmp, "qmp.sock")))
+    emu = Emulator(config, clock=clock)
+    await emu.start()
+    try:
+        yield emu
+    finally:
+        await emu.close()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                for f in os.listdir(tmp):
+                    os.unlink(os.path.join(tmp, f))
+                os.rmdir(tmp)

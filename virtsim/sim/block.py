@@ -1,0 +1,985 @@
+"""The block graph: nodes (BlockDriverStates), the edges between them, and BlockBackends.
+
+This mirrors QEMU's block layer closely enough that the observable behaviour matches:
+node naming and auto-names, the order in which options are checked, permissions between
+parents, which node a write dirties, what ``query-named-block-nodes`` reports.  Drivers
+are small subclasses of :class:`Node`; formats delegate the on-disk work to
+``virtsim.sim.image``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import perm as P
+from .bitmap import BitmapList, DirtyBitmap
+from .errors import SimError
+from .qdict import qdict_order
+
+SECTOR = 512
+NODE_NAME_MAX = 31
+
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
+
+
+def id_wellformed(name: str) -> bool:
+    """QEMU's util/id.c rule for node names, job ids and export ids."""
+    return bool(_ID_RE.match(name))
+
+
+def round_up_sector(n: int) -> int:
+    return (n + SECTOR - 1) // SECTOR * SECTOR
+
+
+# Extents returned by block_status: (offset, length, kind)
+DATA = "data"
+ZERO = "zero"
+UNALLOCATED = "unallocated"
+
+WriteHook = Callable[["Node", int, int], None]
+
+
+class Edge:
+    """A parent -> child link (QEMU's BdrvChild) with the permissions the parent holds."""
+
+    def __init__(self, parent: Node | BlockBackend, child: Node, role: str) -> None:
+        self.parent = parent
+        self.child = child
+        self.role = role
+        self.perm = 0
+        self.shared = P.ALL
+
+    def describe_parent(self) -> str:
+        return self.parent.describe()
+
+    def edge_perms(self) -> P.EdgePerms:
+        return P.EdgePerms(self.perm, self.shared, self.parent.describe(),
+                           self.child.node_name, self.role)
+
+
+class Node:
+    """A BlockDriverState.  Subclasses implement the ``_drv_*`` hooks."""
+
+    drv = "?"
+    is_format = False
+    is_filter = False
+
+    def __init__(self, graph: BlockGraph, options: dict[str, Any]) -> None:
+        self.graph = graph
+        self.options = options
+        self.node_name = ""
+        self.auto_named = False
+        self.monitor_owned = False
+        self.read_only = bool(options.get("read-only", False))
+        self.auto_read_only = bool(options.get("auto-read-only", False))
+        self.detect_zeroes = str(options.get("detect-zeroes", "off"))
+        self.children: dict[str, Edge] = {}
+        self.parents: list[Edge] = []
+        self.bitmaps = BitmapList()
+        self.closed = False
+        # Hooks called before a write reaches this node (copy-before-write, fault injection).
+        self.before_write: list[WriteHook] = []
+        self.op_blockers: list[str] = []
+
+    # ----- identity -------------------------------------------------------------------
+    def describe(self) -> str:
+        return f"node '{self.node_name}'"
+
+    @property
+    def file(self) -> Node | None:
+        e = self.children.get("file")
+        return e.child if e else None
+
+    @property
+    def backing(self) -> Node | None:
+        e = self.children.get("backing")
+        return e.child if e else None
+
+    def length(self) -> int:
+        raise NotImplementedError
+
+    def filename(self) -> str:
+        """QEMU's ``bs->filename``: a real path when one describes the node, else json:{}."""
+        return "json:" + json.dumps(qdict_order(self.json_options()), separators=(", ", ": "))
+
+    def json_options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in self.options.items():
+            if k in ("node-name", "read-only", "auto-read-only", "discard", "cache",
+                     "detect-zeroes", "force-share"):
+                continue
+            if isinstance(v, dict):
+                continue
+            if isinstance(v, str) and k in self.children:
+                continue
+            out[k] = v
+        for role, edge in self.children.items():
+            out[role] = qdict_order(edge.child.json_options())
+        return out
+
+    # ----- I/O (public entry points: what a BdrvChild request does) -------------------
+    def _check_request(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.length():
+            raise OSError(5, "Input/output error")
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        self._check_request(offset, length)
+        return self._drv_read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check_request(offset, len(data))
+        self._check_writable()
+        for hook in self.before_write:
+            hook(self, offset, len(data))
+        try:
+            self._drv_write(offset, data)
+        finally:
+            self.set_dirty(offset, len(data))
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check_request(offset, length)
+        self._check_writable()
+        for hook in self.before_write:
+            hook(self, offset, length)
+        try:
+            self._drv_write_zeroes(offset, length, unmap)
+        finally:
+            self.set_dirty(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_request(offset, length)
+        self._check_writable()
+        for hook in self.before_write:
+            hook(self, offset, length)
+        try:
+            self._drv_discard(offset, length)
+        finally:
+            self.set_dirty(offset, length)
+
+    def flush(self) -> None:
+        self._drv_flush()
+        for edge in self.children.values():
+            edge.child.flush()
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
+        """Allocation of [offset, offset+length) in *this* layer."""
+        return self._drv_block_status(offset, length)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise OSError(1, "Operation not permitted")
+
+    def set_dirty(self, offset: int, length: int) -> None:
+        for bm in self.bitmaps.all():
+            if bm.enabled:
+                bm.set_dirty(offset, length)
+
+    # ----- driver hooks --------------------------------------------------------------
+    def _drv_read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def _drv_write(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _drv_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        self._drv_write(offset, bytes(length))
+
+    def _drv_discard(self, offset: int, length: int) -> None:
+        return None
+
+    def _drv_flush(self) -> None:
+        return None
+
+    def _drv_block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
+        return [(offset, length, DATA)]
+
+    def close(self) -> None:
+        self.closed = True
+
+    # ----- permissions ---------------------------------------------------------------
+    def cumulative_perms(self) -> tuple[int, int]:
+        perm, shared = 0, P.ALL
+        for e in self.parents:
+            perm |= e.perm
+            shared &= e.shared
+        return perm, shared
+
+    def child_perms(self, role: str, perm: int, shared: int) -> tuple[int, int]:
+        """What this node asks of a child in ``role``, given what its parents ask of it."""
+        if role == "backing":
+            nperm = perm & P.CONSISTENT_READ
+            nshared = (P.WRITE | P.RESIZE) if shared & P.WRITE else 0
+            return nperm, nshared | P.CONSISTENT_READ | P.WRITE_UNCHANGED
+        if self.is_format and role == "file":
+            nperm = perm | P.CONSISTENT_READ
+            if not self.read_only:
+                nperm |= P.WRITE | P.RESIZE
+            return nperm, shared & ~(P.WRITE | P.RESIZE)
+        return perm, shared
+
+    # ----- introspection ----------------------------------------------------------------
+    def format_specific(self) -> dict[str, Any] | None:
+        return None
+
+    def image_info(self, flat: bool) -> dict[str, Any]:
+        info: dict[str, Any] = {"filename": self.filename(), "format": self.drv,
+                                "dirty-flag": False, "actual-size": self.actual_size(),
+                                "virtual-size": self.length()}
+        cs = self.cluster_size()
+        if cs:
+            info["cluster-size"] = cs
+        fs = self.format_specific()
+        if fs is not None:
+            info["format-specific"] = fs
+        if not self.has_get_info():
+            del info["dirty-flag"]
+        bf = self.backing_filename()
+        if bf is not None:
+            info["backing-filename"] = bf
+            info["full-backing-filename"] = self.full_backing_filename() or bf
+            fmt = self.backing_format()
+            if fmt:
+                info["backing-filename-format"] = fmt
+        if not flat and self.backing is not None:
+            info["backing-image"] = self.backing.image_info(flat)
+        return info
+
+    def has_get_info(self) -> bool:
+        return True
+
+    def cluster_size(self) -> int | None:
+        return None
+
+    def actual_size(self) -> int:
+        f = self.file
+        return f.actual_size() if f else 0
+
+    def backing_filename(self) -> str | None:
+        return None
+
+    def full_backing_filename(self) -> str | None:
+        return None
+
+    def backing_format(self) -> str | None:
+        return None
+
+    def backing_depth(self) -> int:
+        depth, node = 0, self.backing
+        while node is not None:
+            depth += 1
+            node = node.backing
+        return depth
+
+    def device_info(self, flat: bool) -> dict[str, Any]:
+        """BlockDeviceInfo as in query-named-block-nodes / query-block's ``inserted``."""
+        info: dict[str, Any] = {"file": self.filename(), "node-name": self.node_name,
+                                "ro": self.read_only, "drv": self.drv}
+        if self.backing is not None:
+            info["backing_file"] = self.backing.filename()
+        info.update({"backing_file_depth": self.backing_depth(), "encrypted": False,
+                     "detect_zeroes": self.detect_zeroes,
+                     "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+                     "image": qdict_order(self.image_info(flat)),
+                     "cache": qdict_order({"writeback": True, "direct": False,
+                                           "no-flush": False}),
+                     "write_threshold": 0})
+        bms = self.bitmaps.infos()
+        if bms:
+            info["dirty-bitmaps"] = bms
+        return info
+
+    def iter_chain(self) -> Iterator[Node]:
+        node: Node | None = self
+        while node is not None:
+            yield node
+            node = node.backing or (node.file if node.is_filter else None)
+
+
+class FileNode(Node):
+    """``driver: file`` — a host file through a Store."""
+
+    drv = "file"
+
+    def __init__(self, graph: BlockGraph, options: dict[str, Any]) -> None:
+        super().__init__(graph, options)
+        from .image.store import FileStore
+
+        path = str(options["filename"])
+        self.path = path
+        try:
+            self.store = FileStore(path, readonly=self.read_only)
+        except FileNotFoundError:
+            raise SimError(f"Could not open '{path}': No such file or directory") from None
+        except PermissionError:
+            if self.auto_read_only and not self.read_only:
+                self.read_only = True
+                self.store = FileStore(path, readonly=True)
+            else:
+                raise SimError(f"Could not open '{path}': Permission denied") from None
+        except IsADirectoryError:
+            raise SimError(f"'{path}' is a directory") from None  # TODO check text
+
+    def filename(self) -> str:
+        return self.path
+
+    def length(self) -> int:
+        return round_up_sector(self.store.size())
+
+    def actual_size(self) -> int:
+        return self.store.allocated_bytes()
+
+    def _check_request(self, offset: int, length: int) -> None:
+        # the file protocol grows on writes past EOF (qcow2 allocation relies on it)
+        if offset < 0 or length < 0:
+            raise OSError(22, "Invalid argument")
+
+    def _drv_read(self, offset: int, length: int) -> bytes:
+        return self.store.pread(offset, length)
+
+    def _drv_write(self, offset: int, data: bytes) -> None:
+        self.store.pwrite(offset, data)
+
+    def _drv_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        if unmap:
+            self.store.punch_hole(offset, length)
+        else:
+            self.store.pwrite(offset, bytes(length))
+
+    def _drv_discard(self, offset: int, length: int) -> None:
+        if self.options.get("discard") == "unmap":
+            self.store.punch_hole(offset, length)
+
+    def _drv_flush(self) -> None:
+        self.store.flush()
+
+    def _drv_block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
+        return [(o, n, DATA if d else ZERO) for o, n, d in self.store.data_extents(offset, length)]
+
+    def truncate(self, size: int) -> None:
+        self.store.truncate(size)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.store.close()
+        super().close()
+
+
+class NullNode(Node):
+    """``driver: null-co`` / ``null-aio``: reads return garbage-or-zeroes, writes vanish."""
+
+    drv = "null-co"
+
+    def __init__(self, graph: BlockGraph, options: dict[str, Any]) -> None:
+        super().__init__(graph, options)
+        self.drv = str(options.get("driver", "null-co"))
+        self.size = round_up_sector(int(options.get("size", 1 << 30)))
+        self.read_zeroes = bool(options.get("read-zeroes", False))
+
+    def filename(self) -> str:
+        keys = set(self.options) - {"driver", "node-name", "read-only", "auto-read-only",
+                                    "discard", "cache", "detect-zeroes", "force-share"}
+        if not keys:
+            return f"{self.drv}://"
+        return super().filename()
+
+    def has_get_info(self) -> bool:
+        return False
+
+    def length(self) -> int:
+        return self.size
+
+    def _drv_read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    def _drv_write(self, offset: int, data: bytes) -> None:
+        return None
+
+    def _drv_block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
+        return [(offset, length, ZERO if self.read_zeroes else DATA)]
+
+
+class RawNode(Node):
+    """``driver: raw`` with optional ``offset``/``size`` window onto its file."""
+
+    drv = "raw"
+    is_format = True
+
+    def __init__(self, graph: BlockGraph, options: dict[str, Any], file: Node) -> None:
+        super().__init__(graph, options)
+        self.offset = int(options.get("offset", 0))
+        flen = file.length()
+        if "size" in options:
+            size = int(options["size"])
+            if self.offset + size > flen:
+                raise SimError(
+                    f"The sum of offset ({self.offset}) and size ({size}) has to be smaller or "
+                    f"equal to the  actual size of the containing file ({flen})")
+            self.size: int | None = size
+        else:
+            if self.offset > flen:
+                raise SimError(f"Offset ({self.offset}) cannot be greater than size of the "
+                               f"containing file ({flen})")
+            self.size = None
+
+    def has_get_info(self) -> bool:
+        f = self.file
+        return f.has_get_info() if f else False
+
+    def filename(self) -> str:
+        if "offset" in self.options or "size" in self.options:
+            return super().filename()
+        f = self.file
+        return f.filename() if f else super().filename()
+
+    def length(self) -> int:
+        f = self.file
+        assert f is not None
+        if self.size is not None:
+            return round_up_sector(self.size)
+        return round_up_sector(max(0, f.length() - self.offset))
+
+    def child_perms(self, role: str, perm: int, shared: int) -> tuple[int, int]:
+        return perm, shared  # raw is a pass-through
+
+    def _f(self) -> Node:
+        f = self.file
+        assert f is not None
+        return f
+
+    def _drv_read(self, offset: int, length: int) -> bytes:
+        return self._f().read(self.offset + offset, length)
+
+    def _drv_write(self, offset: int, data: bytes) -> None:
+        self._f().write(self.offset + offset, data)
+
+    def _drv_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        self._f().write_zeroes(self.offset + offset, length, unmap)
+
+    def _drv_discard(self, offset: int, length: int) -> None:
+        self._f().discard(self.offset + offset, length)
+
+    def _drv_block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
+        return [(o - self.offset, n, k)
+                for o, n, k in self._f().block_status(self.offset + offset, length)]
+
+
+class NodeStore:
+    """Adapts a child node to the Store interface the image formats expect."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.readonly = node.read_only
+        self.filename = node.filename()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        size = self.size()
+        if offset >= size:
+            return bytes(length)
+        if offset + length > size:
+            return self.node.read(offset, size - offset) + bytes(offset + length - size)
+        return self.node.read(offset, length)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self.node.write(offset, data)
+
+    def size(self) -> int:
+        n = self.node
+        if isinstance(n, FileNode):
+            return n.store.size()
+        return n.length()
+
+    def truncate(self, size: int) -> None:
+        if isinstance(self.node, FileNode):
+            self.node.truncate(size)
+
+    def flush(self) -> None:
+        self.node.flush()
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        self.node.write_zeroes(offset, length, unmap=True)
+
+    def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return [(o, n, k == DATA) for o, n, k in self.node.block_status(offset, length)]
+
+    def allocated_bytes(self) -> int:
+        return self.node.actual_size()
+
+    def close(self) -> None:
+        return None
+
+
+class Qcow2Node(Node):
+    """``driver: qcow2`` over a file child, with an optional backing node."""
+
+    drv = "qcow2"
+    is_format = True
+
+    def __init__(self, graph: BlockGraph, options: dict[str, Any], file: Node) -> None:
+        super().__init__(graph, options)
+        from .image.qcow2 import Qcow2Format
+
+        self.store = NodeStore(file)
+        self.fmt = Qcow2Format.open(self.store, readonly=self.read_only)
+        self.fmt.backing_read = self._read_backing
+        self._load_persistent_bitmaps()
+
+    # ----- persistent bitmaps (the qcow2 bitmaps extension) -----------------------------
+    def _load_persistent_bitmaps(self) -> None:
+        """Load stored bitmaps; a writable open marks them in-use on disk, like QEMU.
+
+        A bitmap already marked in-use was not stored cleanly (the process died), so it
+        loads as inconsistent and stays so until removed.
+        """
+        stored = list(self.fmt.stored_bitmaps())
+        if not stored:
+            return
+        length = self.length()
+        for sb in reversed(stored):  # directory order is oldest first; list is newest first
+            bm = DirtyBitmap(length, sb.granularity, sb.name)
+            bm.persistent = True
+            if sb.in_use:
+                bm.inconsistent = True
+                bm.enabled = False
+            else:
+                bm.set_granules(self.fmt.load_bitmap(sb.name))
+                bm.enabled = bool(sb.auto)
+            if self.read_only:
+                bm.readonly = True
+            self.bitmaps.add(bm)
+        if not self.read_only:
+            self.fmt.set_bitmaps_in_use(True)
+
+    def can_store_bitmap(self, name: str, granularity: int) -> str | None:
+        """Why a new persistent bitmap could not be stored here, or None."""
+        check = getattr(self.fmt, "can_store_bitmap", None)
+        if check is None:
+            return None
+        count = sum(1 for b in self.bitmaps.all() if b.persistent)
+        result = check(name, granularity, count)
+        return str(result) if result else None
+
+    def remove_persistent_bitmap(self, bm: DirtyBitmap) -> None:
+        if self.read_only:
+            return
+        self._store_bitmaps(exclude=bm, in_use=True)
+
+    def _store_bitmaps(self, exclude: DirtyBitmap | None = None, in_use: bool = False) -> None:
+        entries = []
+        for bm in reversed(list(self.bitmaps.all())):  # oldest first on disk
+            if not bm.persistent or bm is exclude or bm.name is None or bm.skip_store:
+                continue
+            entries.append((bm.name, bm.granularity, bm.enabled, in_use or bm.inconsistent,
+                            bm.granules()))
+        if entries or any(True for _ in self.fmt.stored_bitmaps()):
+            self.fmt.store_bitmaps(entries)
+
+    def store_persistent_bitmaps(self) -> None:
+        if not self.read_only:
+            self._store_bitmaps()
+
+    def _read_backing(self, offset: int, length: int) -> bytes:
+        b = self.backing
+        if b is None:
+            return bytes(length)
+        blen = b.length()
+        if offset >= blen:
+            return bytes(length)
+        if offset + length > blen:
+            return b.read(offset, blen - offset) + bytes(offset + length - blen)
+        return b.read(offset, length)
+
+    def filename(self) -> str:
+        f = self.file
+        return f.filename() if f else super().filename()
+
+    def length(self) -> int:
+        return round_up_sector(int(self.fmt.virtual_size))
+
+    def cluster_size(self) -> int | None:
+        return int(self.fmt.cluster_size)
+
+    def format_specific(self) -> dict[str, Any] | None:
+        data: dict[str, Any] = {"compat": "1.1" if self.fmt.version >= 3 else "0.10"}
+        if self.fmt.version >= 3:
+            data["lazy-refcounts"] = bool(getattr(self.fmt, "lazy_refcounts", False))
+        bitmaps = self.stored_bitmap_info()
+        if bitmaps:
+            data["bitmaps"] = bitmaps
+        data["refcount-bits"] = int(getattr(self.fmt, "refcount_bits", 16))
+        data["corrupt"] = False
+        data["extended-l2"] = False
+        data["compression-type"] = "zlib"
+        return {"type": "qcow2", "data": qdict_order(data)}
+
+    def stored_bitmap_info(self) -> list[dict[str, Any]]:
+        out = []
+        for sb in self.fmt.stored_bitmaps():
+            flags = []
+            if sb.in_use:
+                flags.append("in-use")
+            if sb.auto:
+                flags.append("auto")
+            out.append(qdict_order({"flags": flags, "name": sb.name,
+                                    "granularity": sb.granularity}))
+        return out
+
+    def backing_filename(self) -> str | None:
+        return self.fmt.backing_file or None
+
+    def full_backing_filename(self) -> str | None:
+        bf = self.fmt.backing_file
+        if not bf:
+            return None
+        if bf.startswith("/") or ":" in bf.split("/")[0]:
+            return str(bf)
+        base = os.path.dirname(self.filename())
+        return os.path.join(base, bf)
+
+    def backing_format(self) -> str | None:
+        return self.fmt.backing_fmt or None
+
+    def _drv_read(self, offset: int, length: int) -> bytes:
+        return bytes(self.fmt.read(offset, length))
+
+    def _drv_write(self, offset: int, data: bytes) -> None:
+        self.fmt.write(offset, data)
+
+    def _drv_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        self.fmt.write_zeroes(offset, length, unmap)
+
+    def _drv_discard(self, offset: int, length: int) -> None:
+        self.fmt.discard(offset, length)
+
+    def _drv_flush(self) -> None:
+        self.fmt.flush()
+
+    def _drv_block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
+        out = []
+        for ext in self.fmt.block_status(offset, length):
+            o, n, kind = ext[0], ext[1], ext[2]
+            out.append((o, n, {"data": DATA, "zero": ZERO}.get(str(kind).lower(), UNALLOCATED)
+                        if isinstance(kind, str) else _kind_name(kind)))
+        return out
+
+    def close(self) -> None:
+        if not self.closed:
+            self.store_persistent_bitmaps()
+            self.fmt.close()
+        super().close()
+
+
+def _kind_name(kind: Any) -> str:
+    name = getattr(kind, "name", str(kind)).lower()
+    if name.startswith("data"):
+        return DATA
+    if name.startswith("zero"):
+        return ZERO
+    return UNALLOCATED
+
+
+class BlockBackend:
+    """A BlockBackend: what a device (or a named -drive) uses to reach its root node."""
+
+    def __init__(self, graph: BlockGraph, name: str, qdev: str | None,
+                 read_only: bool = False) -> None:
+        self.graph = graph
+        self.name = name
+        self.qdev = qdev
+        self.read_only = read_only
+        self.root_edge: Edge | None = None
+        self.io_status = "ok"
+
+    @property
+    def root(self) -> Node | None:
+        return self.root_edge.child if self.root_edge else None
+
+    def describe(self) -> str:
+        if self.name:
+            return f"block device '{self.name}'"
+        if self.qdev:
+            return f"block device '{self.qdev}'"
+        return "an unnamed block device"
+
+
+class BlockGraph:
+    """All nodes and backends of one emulator instance."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.nodes: list[Node] = []            # in name-assignment order
+        self.by_name: dict[str, Node] = {}
+        self.backends: list[BlockBackend] = []
+        self._auto_counter = 0
+        self._rng = rng or random.Random(0)
+        self.device_ids: Callable[[], set[str]] = lambda: set()
+
+    # ----- lookup -----------------------------------------------------------------------
+    def find_node(self, name: str) -> Node | None:
+        return self.by_name.get(name)
+
+    def find_backend(self, name: str) -> BlockBackend | None:
+        if not name:
+            return None
+        for blk in self.backends:
+            if blk.name == name:
+                return blk
+        return None
+
+    def find_backend_by_qdev(self, path: str) -> BlockBackend | None:
+        for blk in self.backends:
+            if blk.qdev == path:
+                return blk
+        return None
+
+    def lookup_bs(self, device: str | None, node_name: str | None) -> Node:
+        """QEMU's ``bdrv_lookup_bs``: a BlockBackend name first, then a node name."""
+        if device is not None:
+            blk = self.find_backend(device)
+            if blk is not None:
+                root = blk.root
+                if root is None:
+                    raise SimError(f"Device '{device}' has no medium")
+                return root
+        if node_name is not None:
+            node = self.find_node(node_name)
+            if node is not None:
+                return node
+        raise SimError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+
+    # ----- naming -----------------------------------------------------------------------
+    def _auto_name(self) -> str:
+        name = f"#block{self._auto_counter}{self._rng.randrange(100):02d}"
+        self._auto_counter += 1
+        return name
+
+    def check_node_name(self, name: str) -> None:
+        if not id_wellformed(name):
+            raise SimError(f"Invalid node-name: '{name}'")
+        if self.find_backend(name) is not None or name in self.device_ids():
+            raise SimError(f"node-name={name} is conflicting with a device id")
+        if name in self.by_name:
+            raise SimError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) > NODE_NAME_MAX:
+            raise SimError("Node name too long")
+
+    def _register(self, node: Node, name: str | None) -> None:
+        if name is None:
+            node.node_name = self._auto_name()
+            node.auto_named = True
+        else:
+            self.check_node_name(name)
+            node.node_name = name
+        self.by_name[node.node_name] = node
+        self.nodes.append(node)
+
+    def _unregister(self, node: Node) -> None:
+        self.by_name.pop(node.node_name, None)
+        if node in self.nodes:
+            self.nodes.remove(node)
+
+    # ----- edges & permissions ------------------------------------------------------------
+    def attach(self, parent: Node | BlockBackend, child: Node, role: str,
+               perm: int, shared: int) -> Edge:
+        edge = Edge(parent, child, role)
+        edge.perm, edge.shared = perm, shared
+        P.check_conflicts([e.edge_perms() for e in child.parents], edge.edge_perms())
+        child.parents.append(edge)
+        if isinstance(parent, Node):
+            parent.children[role] = edge
+        self._refresh_child_perms(child)
+        return edge
+
+    def detach(self, edge: Edge) -> None:
+        child = edge.child
+        if edge in child.parents:
+            child.parents.remove(edge)
+        if isinstance(edge.parent, Node):
+            edge.parent.children.pop(edge.role, None)
+        self._refresh_child_perms(child)
+
+    def _refresh_child_perms(self, node: Node) -> None:
+        perm, shared = node.cumulative_perms()
+        for role, edge in node.children.items():
+            edge.perm, edge.shared = node.child_perms(role, perm, shared)
+            self._refresh_child_perms(edge.child)
+
+    # ----- blockdev-add / blockdev-del ---------------------------------------------------
+    def blockdev_add(self, options: dict[str, Any]) -> Node:
+        if "node-name" not in options:
+            raise SimError("'node-name' must be specified for the root node")
+        node = self.open_node(options, inherited_ro=None)
+        node.monitor_owned = True
+        return node
+
+    def open_node(self, options: dict[str, Any], inherited_ro: bool | None,
+                  role: str | None = None) -> Node:
+        """Open one node and (recursively) its inline children, in QEMU's order."""
+        options = dict(options)
+        if inherited_ro is not None and "read-only" not in options:
+            options["read-only"] = inherited_ro
+        driver = options["driver"]
+        created: list[Node] = []
+        try:
+            node = self._open_driver(driver, options, created)
+        except BaseException:
+            for n in reversed(created):
+                self._destroy(n)
+            raise
+        return node
+
+    def _open_child(self, ref: Any, parent_ro: bool, role: str, created: list[Node],
+                    prefix: str = "") -> Node:
+        if isinstance(ref, str):
+            try:
+                return self.lookup_bs(ref, ref)
+            except SimError as e:
+                raise SimError(prefix + e.desc) from None
+        try:
+            node = self.open_node(ref, inherited_ro=parent_ro if role != "backing" else True,
+                                  role=role)
+        except SimError as e:
+            raise SimError(prefix + e.desc) from None
+        created.append(node)
+        return node
+
+    def _open_driver(self, driver: str, options: dict[str, Any], created: list[Node]) -> Node:
+        ro = bool(options.get("read-only", False))
+        name = options.get("node-name")
+        node: Node
+        if driver == "file":
+            node = FileNode(self, options)
+            self._register_or_close(node, name)
+            return node
+        if driver in ("null-co", "null-aio"):
+            node = NullNode(self, options)
+            self._register_or_close(node, name)
+            return node
+        if driver in ("raw", "qcow2"):
+            if "file" not in options:
+                raise SimError("A block device must be specified for \"file\"")
+            file = self._open_child(options["file"], ro, "file", created)
+            if name is not None:
+                self.check_node_name(name)
+            if driver == "raw":
+                node = RawNode(self, options, file)
+            else:
+                node = self._open_qcow2(options, file)
+            self._register(node, name)
+            try:
+                nperm, nshared = node.child_perms("file", 0, P.ALL)
+                self.attach(node, file, "file", nperm, nshared)
+                if driver == "qcow2":
+                    self._open_backing(node, options, created)
+            except BaseException:
+                for e in list(node.children.values()):
+                    self.detach(e)
+                self._unregister(node)
+                node.close()
+                raise
+            return node
+        raise SimError(f"Unknown driver '{driver}'")
+
+    def _open_qcow2(self, options: dict[str, Any], file: Node) -> Node:
+        from .errors import ImageError
+
+        try:
+            return Qcow2Node(self, options, file)
+        except ImageError as e:
+            raise SimError(str(e)) from None
+
+    def _open_backing(self, node: Node, options: dict[str, Any], created: list[Node]) -> None:
+        ref = options.get("backing", "__default__")
+        if ref is None:
+            return
+        if ref == "__default__":
+            bf = node.full_backing_filename()
+            if not bf:
+                return
+            fmt = node.backing_format()
+            ref = {"driver": fmt or "raw", "file": {"driver": "file", "filename": bf}}
+        bnode = self._open_child(ref, True, "backing", created, prefix="Could not open backing file: ")
+        nperm, nshared = node.child_perms("backing", 0, P.ALL)
+        self.attach(node, bnode, "backing", nperm, nshared)
+        bnode.op_blockers.append(f"node is used as backing hd of '{node.node_name}'")
+
+    def _register_or_close(self, node: Node, name: str | None) -> None:
+        try:
+            self._register(node, name)
+        except BaseException:
+            node.close()
+            raise
+
+    def _destroy(self, node: Node) -> None:
+        """Tear down an implicitly created node and its implicit children."""
+        for edge in list(node.children.values()):
+            child = edge.child
+            self.detach(edge)
+            if edge.role == "backing":
+                msg = f"node is used as backing hd of '{node.node_name}'"
+                if msg in child.op_blockers:
+                    child.op_blockers.remove(msg)
+            if not child.monitor_owned and not child.parents:
+                self._destroy(child)
+        self.close_node(node)
+        self._unregister(node)
+
+    def close_node(self, node: Node) -> None:
+        """Close a node: persistent bitmaps are written back to the image first."""
+        store = getattr(self, "on_close", None)
+        if callable(store):
+            store(node)
+        node.close()
+
+    def blockdev_del(self, node_name: str) -> None:
+        node = self.find_node(node_name)
+        if node is None:
+            raise SimError(f"Failed to find node with node-name='{node_name}'")
+        if any(isinstance(e.parent, BlockBackend) for e in node.parents):
+            raise SimError(f"Node {node_name} is in use")
+        if node.op_blockers:
+            raise SimError(f"Node '{node_name}' is busy: {node.op_blockers[0]}")
+        if not node.monitor_owned:
+            raise SimError(f"Node {node_name} is not owned by the monitor")
+        if node.parents:
+            raise SimError(f"Block device {node_name} is in use")
+        self._destroy(node)
+
+    # ----- backends -------------------------------------------------------------------------
+    def add_backend(self, blk: BlockBackend, root: Node, perm: int, shared: int) -> None:
+        blk.root_edge = self.attach(blk, root, "root", perm, shared)
+        self.backends.append(blk)
+
+    def remove_backend(self, blk: BlockBackend) -> None:
+        if blk.root_edge is not None:
+            self.detach(blk.root_edge)
+            blk.root_edge = None
+        if blk in self.backends:
+            self.backends.remove(blk)
+
+    def temporary_backend(self, node: Node, perm: int) -> BlockBackend:
+        """An anonymous BlockBackend like the one HMP qemu-io creates on a node."""
+        blk = BlockBackend(self, "", None)
+        blk.root_edge = self.attach(blk, node, "root", perm, P.ALL)
+        return blk
+
+    # ----- queries --------------------------------------------------------------------------
+    def named_nodes_info(self, flat: bool) -> list[dict[str, Any]]:
+        return [qdict_order(n.device_info(flat)) for n in reversed(self.nodes)]
+
+    def close_all(self) -> None:
+        for blk in list(self.backends):
+            self.remove_backend(blk)
+        for node in reversed(list(self.nodes)):
+            if node.monitor_owned and not node.parents:
+                self._destroy(node)
+        for node in reversed(list(self.nodes)):
+            self._destroy(node)
+
+
+__all__ = ["BlockGraph", "BlockBackend", "Node", "Edge", "DirtyBitmap", "id_wellformed"]

@@ -1,0 +1,89 @@
+"""QMP ``transaction``: prepare every action in order, then commit all or abort in reverse.
+
+Only the rules live here (order, rollback, which actions accept ``grouped``); the actions
+themselves live with the feature they belong to (bitmaps now, backup jobs next).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .block import BlockGraph
+from .errors import SimError
+
+
+class Action:
+    """One transaction action.  ``prepare`` may raise; ``commit``/``abort`` must not."""
+
+    kind: ClassVar[str] = ""
+    supports_grouped: ClassVar[bool] = False
+
+    def __init__(self, graph: BlockGraph, args: dict[str, Any], ctx: TransactionContext) -> None:
+        self.graph = graph
+        self.args = args
+        self.ctx = ctx
+
+    def prepare(self) -> None:
+        return None
+
+    def commit(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+    def clean(self) -> None:
+        return None
+
+
+class AbortAction(Action):
+    kind = "abort"
+    supports_grouped = True
+
+    def prepare(self) -> None:
+        raise SimError("Transaction aborted using Abort action")
+
+
+class TransactionContext:
+    """State shared by the actions of one transaction (e.g. a job group for ``grouped``)."""
+
+    def __init__(self, completion_mode: str) -> None:
+        self.completion_mode = completion_mode
+        self.extra: dict[str, Any] = {}
+
+
+def run_transaction(graph: BlockGraph, actions: list[dict[str, Any]],
+                    properties: dict[str, Any] | None,
+                    registry: dict[str, type[Action]]) -> TransactionContext:
+    """Execute a transaction; raises the first prepare error after rolling back."""
+    mode = (properties or {}).get("completion-mode", "individual")
+    ctx = TransactionContext(mode)
+    todo: list[Action] = []
+    for spec in actions:
+        kind = spec["type"]
+        cls = registry.get(kind)
+        if cls is None:
+            raise SimError(f"Action '{kind}' is not supported by virtsim")
+        todo.append(cls(graph, spec.get("data", {}), ctx))
+    done: list[Action] = []
+    try:
+        for act in todo:
+            done.append(act)
+            if mode == "grouped" and not act.supports_grouped:
+                raise SimError(f"Action '{act.kind}' does not support Transaction property "
+                               f"completion-mode = {mode}")
+            act.prepare()
+    except SimError:
+        for act in reversed(done):
+            act.abort()
+        for act in reversed(done):
+            act.clean()
+        raise
+    for act in todo:
+        act.commit()
+    for act in reversed(todo):
+        act.clean()
+    return ctx
+
+
+ACTIONS: dict[str, type[Action]] = {"abort": AbortAction}
