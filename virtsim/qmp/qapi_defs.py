@@ -879,9 +879,20 @@ _OBJECTS: list[Definition] = [
               "x-vfio-user-server": "VfioUserServerProperties"}},
 ]
 
+# virtsim-only commands (prefix x-virtsim-): simulator controls with no QEMU equivalent.
+_VIRTSIM: list[Definition] = [
+    {"struct": "XVirtsimRegion", "data": {"offset": "uint64", "length": "uint64"}},
+    {"command": "x-virtsim-guest-workload",
+     "data": {"device": "str", "*qdev": "bool", "*seed": "int", "*writes": "uint32",
+              "*size-min": "uint64", "*size-max": "uint64", "*pattern": "str",
+              "*region": "XVirtsimRegion", "*zero-ratio": "number",
+              "*discard-ratio": "number", "*align": "uint32", "*flush-every": "uint32"},
+     "returns": "any", "features": _UNSTABLE},
+]
+
 DEFINITIONS: list[Definition] = (
     _MISC + _COMMON + _BLOCKDEV_OPTIONS + _BLOCKDEV_CREATE + _BLOCK_QUERIES + _BITMAPS
-    + _JOBS + _TRANSACTION + _EXPORTS + _OBJECTS
+    + _JOBS + _TRANSACTION + _EXPORTS + _OBJECTS + _VIRTSIM
 )
 """Every definition, in one list; order does not matter (names are resolved lazily)."""
 

@@ -154,8 +154,11 @@ class Node:
             self.set_dirty(offset, length)
 
     def discard(self, offset: int, length: int) -> None:
+        """Discards are dropped (and dirty nothing) unless the node has discard=unmap."""
         self._check_request(offset, length)
         self._check_writable()
+        if self.options.get("discard") != "unmap":
+            return
         for hook in self.before_write:
             hook(self, offset, length)
         try:
@@ -177,9 +180,7 @@ class Node:
             raise OSError(1, "Operation not permitted")
 
     def set_dirty(self, offset: int, length: int) -> None:
-        for bm in self.bitmaps.all():
-            if bm.enabled:
-                bm.set_dirty(offset, length)
+        self.bitmaps.set_dirty(offset, length)
 
     # ----- driver hooks --------------------------------------------------------------
     def _drv_read(self, offset: int, length: int) -> bytes:

@@ -1,0 +1,242 @@
+"""``make bench``: virtsim against the real tools, measured in the same run.
+
+Each line prints virtsim's figure, the real tool's, the ratio, and the target, so a
+regression shows as a broken target rather than a number nobody remembers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+QEMU = shutil.which("qemu-system-x86_64")
+VENV_BIN = os.path.dirname(sys.executable)
+VIRTSIM_QEMU = shutil.which("virtsim-qemu", path=VENV_BIN) or shutil.which("virtsim-qemu")
+
+results: list[tuple[str, str, str, str, bool | None]] = []
+
+
+def report(name: str, ours: str, theirs: str, ratio: float | None, target: str,
+           ok: bool | None) -> None:
+    r = f"{ratio:.2f}x" if ratio is not None else "-"
+    status = {True: "OK", False: "MISSED", None: "-"}[ok]
+    results.append((name, ours, theirs, r, ok))
+    print(f"{name:<52} virtsim {ours:>12}   real {theirs:>12}   ratio {r:>7}   "
+          f"target {target:<10} {status}", flush=True)
+
+
+def wait_for_socket(path: str, timeout: float = 10.0) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            return s
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.0005)
+
+
+def start_to_greeting(binary: list[str], runs: int = 10) -> float:
+    """Median seconds from spawning the process to reading the QMP greeting."""
+    times = []
+    for _ in range(runs):
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "q.sock")
+        t0 = time.perf_counter()
+        p = subprocess.Popen(binary + ["-machine", "none", "-nodefaults", "-display", "none",
+                                       "-qmp", f"unix:{path},server=on,wait=off"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            s = wait_for_socket(path)
+            f = s.makefile("rb")
+            f.readline()
+            times.append(time.perf_counter() - t0)
+            s.close()
+        finally:
+            p.kill()
+            p.wait()
+            shutil.rmtree(d, ignore_errors=True)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def round_trips(path: str, n: int) -> float:
+    s = wait_for_socket(path)
+    f = s.makefile("rwb")
+    f.readline()
+    f.write(b'{"execute":"qmp_capabilities"}\n')
+    f.flush()
+    f.readline()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f.write(b'{"execute":"query-version"}\n')
+        f.flush()
+        f.readline()
+    dt = time.perf_counter() - t0
+    s.close()
+    return dt
+
+
+def with_process(binary: list[str], fn: Callable[[str], float]) -> float:
+    d = tempfile.mkdtemp()
+    path = os.path.join(d, "q.sock")
+    p = subprocess.Popen(binary + ["-machine", "none", "-nodefaults", "-display", "none",
+                                   "-qmp", f"unix:{path},server=on,wait=off"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_socket(path).close()
+        return fn(path)
+    finally:
+        p.kill()
+        p.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def bench_qmp() -> None:
+    assert QEMU and VIRTSIM_QEMU
+    n = 1000
+    real = with_process([QEMU], lambda p: round_trips(p, n))
+    ours = with_process([VIRTSIM_QEMU], lambda p: round_trips(p, n))
+    report("QMP round trip, 1000x query-version (process)", f"{ours*1000:.0f} ms",
+           f"{real*1000:.0f} ms", ours / real, "<= 0.5x", ours / real <= 0.5)
+
+    async def embedded_rt() -> float:
+        from virtsim.qmp.emulator import embedded
+
+        async with embedded() as emu:
+            return await asyncio.to_thread(round_trips, str(emu.qmp_address), n)
+
+    emb = asyncio.run(embedded_rt())
+    report("QMP round trip, 1000x query-version (embedded)", f"{emb*1000:.0f} ms",
+           f"{real*1000:.0f} ms", emb / real, "<= 0.5x", emb / real <= 0.5)
+
+
+def bench_start() -> None:
+    assert QEMU and VIRTSIM_QEMU
+    real = start_to_greeting([QEMU])
+    ours = start_to_greeting([VIRTSIM_QEMU])
+    report("process start -> greeting", f"{ours*1000:.1f} ms", f"{real*1000:.1f} ms",
+           ours / real, "<= 3x", ours / real <= 3)
+
+    async def emb() -> float:
+        from virtsim.qmp.emulator import embedded
+
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            async with embedded() as emu:
+                r, w = await asyncio.open_unix_connection(str(emu.qmp_address))
+                await r.readline()
+                times.append(time.perf_counter() - t0)
+                w.close()
+        times.sort()
+        return times[len(times) // 2]
+
+    e = asyncio.run(emb())
+    report("embedded start -> first QMP reply", f"{e*1000:.2f} ms", f"{real*1000:.1f} ms",
+           e / real, "<= 0.1x", e / real <= 0.1)
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def bench_memory() -> None:
+    from virtsim.qmp.emulator import Emulator, EmulatorConfig, MonitorSpec
+
+    async def run() -> float:
+        d = tempfile.mkdtemp()
+        gc.collect()
+        before = rss_kib()
+        emus = []
+        for i in range(1000):
+            emu = Emulator(EmulatorConfig(monitors=[MonitorSpec("unix",
+                                                                path=f"{d}/{i}.sock")]))
+            await emu.start()
+            emus.append(emu)
+        gc.collect()
+        after = rss_kib()
+        for emu in emus:
+            await emu.close()
+        shutil.rmtree(d, ignore_errors=True)
+        return (after - before) / 1000 / 1024
+
+    per = asyncio.run(run())
+    report("idle memory per embedded emulator (1000)", f"{per*1024:.0f} KiB", "-", None,
+           "<= 1 MiB", per <= 1.0)
+
+
+def bench_bitmap() -> None:
+    from virtsim.sim.bitmap import DirtyBitmap
+
+    size = 16 << 40
+    gran = 64 << 10
+    granules = size // gran
+    dirty = granules // 1000
+    a = DirtyBitmap(size, gran, "a")
+    b = DirtyBitmap(size, gran, "b")
+    step = granules // dirty
+    t0 = time.perf_counter()
+    for i in range(dirty):
+        a.set_dirty(i * step * gran, gran)
+        b.set_dirty((i * step + 1) * gran, gran)
+    fill = time.perf_counter() - t0
+    mem = a.memory_bytes() if hasattr(a, "memory_bytes") else len(a.granules().serialize())
+    t0 = time.perf_counter()
+    a.merge_from(b)
+    merge = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    count = a.count()
+    cnt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    a.clear()
+    clr = time.perf_counter() - t0
+    report("16 TiB bitmap, 0.1% dirty: size", f"{mem/1024:.0f} KiB", "-", None, "<= 1 MiB",
+           mem <= 1 << 20)
+    report("16 TiB bitmap: merge / count / clear",
+           f"{merge*1000:.1f}/{cnt*1000:.2f}/{clr*1000:.2f} ms", "-", None, "ms", merge < 0.1)
+    _ = (fill, count)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="bench")
+    ap.add_argument("only", nargs="*", help="qmp start memory bitmap")
+    ns = ap.parse_args()
+    todo: dict[str, Callable[[], None]] = {"qmp": bench_qmp, "start": bench_start,
+                                           "memory": bench_memory, "bitmap": bench_bitmap}
+    for name, fn in todo.items():
+        if ns.only and name not in ns.only:
+            continue
+        if name in ("qmp", "start") and not (QEMU and VIRTSIM_QEMU):
+            print(f"{name}: skipped (needs qemu-system-x86_64 and virtsim-qemu)")
+            continue
+        fn()
+    missed = [r for r in results if r[4] is False]
+    print(json.dumps({"missed": [r[0] for r in missed]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+_ = Any
