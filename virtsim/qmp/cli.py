@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from ..sim.errors import SimError
-from .emulator import DeviceSpec, Emulator, EmulatorConfig, MonitorSpec
+from .emulator import DeviceSpec, Emulator, EmulatorConfig, MonitorSpec, StartupError
 
 PROG = "qemu-system-x86_64"
 
@@ -201,7 +201,21 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
             spec.pretty = d.get("pretty") in ("on", "true")
             cfg.monitors.append(spec)
         elif opt == "blockdev":
-            cfg.blockdevs.append(parse_blockdev(need()))
+            val = need()
+            bd = parse_blockdev(val)
+            try:
+                from . import schema
+
+                schema.validate_type("BlockdevOptions", bd)
+            except SimError as e:
+                raise UsageError(f"-blockdev {val}: {e.desc}") from None
+            bd["_arg"] = val
+            cfg.blockdevs.append(bd)
+        elif opt == "drive":
+            val = need()
+            d = {k: (v if v is not None else "on") for k, v in split_opts(val)}
+            d["_arg"] = val
+            cfg.drives.append(d)
         elif opt == "device":
             val = need()
             kv = split_opts(val)
@@ -211,6 +225,7 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
                           "virtio-serial-pci", "virtio-serial", "virtserialport",
                           "pcie-root-port", "virtio-balloon-pci"):
                 continue  # controllers: nothing to simulate
+            props["_arg"] = val
             cfg.devices.append(DeviceSpec(driver, props.get("id"), props.get("drive"), props))
         elif opt == "daemonize":
             proc["daemonize"] = True
@@ -245,8 +260,8 @@ async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None) 
     try:
         emu = Emulator(cfg)
         await emu.start()
-    except SimError as e:
-        print(f"{PROG}: {e.desc}", file=sys.stderr)
+    except (SimError, StartupError) as e:
+        print(f"{PROG}: {getattr(e, 'desc', e)}", file=sys.stderr)
         if ready_fd is not None:
             os.write(ready_fd, b"\1")
         return 1

@@ -22,7 +22,7 @@ from ..sim.events import EventBus
 from . import schema
 from .commands import REGISTRY, load_all
 
-DEBIAN_VERSION = {"qemu": {"micro": 22, "minor": 2, "major": 7},
+DEBIAN_VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 22},
                   "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}
 
 
@@ -53,9 +53,14 @@ class EmulatorConfig:
     version: dict[str, Any] = field(default_factory=lambda: dict(DEBIAN_VERSION))
     monitors: list[MonitorSpec] = field(default_factory=list)
     blockdevs: list[dict[str, Any]] = field(default_factory=list)
+    drives: list[dict[str, str]] = field(default_factory=list)
     devices: list[DeviceSpec] = field(default_factory=list)
     seed: int | None = None
     echo_qemu_io: bool = True   # print qemu-io output on stdout, as QEMU does
+
+
+class StartupError(Exception):
+    """A command-line object could not be created; QEMU prints it and exits 1."""
 
 
 class Emulator:
@@ -75,9 +80,20 @@ class Emulator:
         self._quitting = False
         load_all()
         for opts in self.config.blockdevs:
-            self.graph.blockdev_add(self.check_blockdev_options(opts))
+            try:
+                self.graph.blockdev_add(self.check_blockdev_options(opts))
+            except SimError as e:
+                raise StartupError(f"-blockdev {opts.get('_arg', '')}: {e.desc}") from None
+        for drive in self.config.drives:
+            try:
+                self.add_drive(drive)
+            except SimError as e:
+                raise StartupError(f"-drive {drive.get('_arg', '')}: {e.desc}") from None
         for dev in self.config.devices:
-            self.add_device(dev)
+            try:
+                self.add_device(dev)
+            except SimError as e:
+                raise StartupError(f"-device {dev.props.get('_arg', '')}: {e.desc}") from None
 
     # ----- identity -------------------------------------------------------------------
     def version_info(self) -> dict[str, Any]:
@@ -120,30 +136,82 @@ class Emulator:
             raise SimError(f"Driver '{drv}' is not supported by virtsim")
         return opts
 
+    def add_drive(self, d: dict[str, str]) -> None:
+        """Legacy ``-drive if=none,id=X,file=F,format=FMT``: a named BlockBackend."""
+        iface = d.get("if", "ide")
+        if iface != "none":
+            raise SimError(f"virtsim supports only if=none drives (got if={iface})")
+        did = d.get("id")
+        if not did:
+            raise SimError("drive with if=none needs an id")
+        if self.graph.find_backend(did) is not None:
+            raise SimError(f"Duplicate ID '{did}' for drive")
+        ro = d.get("readonly", d.get("read-only", "off")) in ("on", "true")
+        fmt = d.get("format") or "raw"
+        opts: dict[str, Any] = {"driver": fmt, "read-only": ro,
+                                "file": {"driver": "file", "filename": d["file"]}}
+        if "node-name" in d:
+            opts["node-name"] = d["node-name"]
+        if "discard" in d:
+            opts["discard"] = d["discard"]
+        node = self.graph.open_node(opts, inherited_ro=None)
+        blk = BlockBackend(self.graph, did, None, read_only=ro)
+        blk.removable = True
+        self.graph.add_backend(blk, node, 0, P.ALL)
+
     def add_device(self, dev: DeviceSpec) -> None:
         if dev.driver not in ("virtio-blk-pci", "virtio-blk", "scsi-hd", "ide-hd"):
             raise SimError(f"'{dev.driver}' is not a valid device model name")
         if self.config.machine == "none":
             raise SimError(f"No '{_bus_for(dev.driver)}' bus found for device '{dev.driver}'")
-        if dev.drive is None:
-            raise SimError("drive property not set")
-        node = self.graph.find_node(dev.drive)
-        if node is None:
-            raise SimError(f"Property '{dev.driver}.drive' can't find value '{dev.drive}'")
         did = dev.id
         if did is not None and did in self.devices:
             raise SimError(f"Duplicate device ID '{did}'")
+        if dev.drive is None:
+            raise SimError("drive property not set")
+        prop_owner = "virtio-blk-device" if dev.driver.startswith("virtio-blk") else dev.driver
+        drive_blk = self.graph.find_backend(dev.drive)
+        node = drive_blk.root if drive_blk is not None else self.graph.find_node(dev.drive)
+        if node is None:
+            raise SimError(f"Property '{prop_owner}.drive' can't find value '{dev.drive}'")
         path = f"/machine/peripheral/{did}" if did else "/machine/peripheral-anon/device[0]"
         qdev = path + "/virtio-backend" if dev.driver.startswith("virtio-blk") else path
         ro = node.read_only
-        blk = BlockBackend(self.graph, "", qdev, read_only=ro)
         perm = P.CONSISTENT_READ | (0 if ro else P.WRITE)
         shared = P.CONSISTENT_READ | P.WRITE_UNCHANGED | P.RESIZE
         if dev.props.get("share-rw") in ("on", "true"):
             shared |= P.WRITE
-        self.graph.add_backend(blk, node, perm, shared)
-        if did:
-            self.devices[did] = blk
+        if drive_blk is not None:
+            # a -drive BlockBackend gets attached to the device: it keeps its name
+            edge = drive_blk.root_edge
+            assert edge is not None
+            others = [e.edge_perms() for e in node.parents if e is not edge]
+            P.check_conflicts(others, P.EdgePerms(perm, shared, drive_blk.describe(),
+                                                  node.node_name, "root"))
+            edge.perm, edge.shared = perm, shared
+            drive_blk.qdev = qdev
+            drive_blk.removable = False
+            drive_blk.has_device = True
+            self.graph._refresh_child_perms(node)
+            blk = drive_blk
+        else:
+            blk = BlockBackend(self.graph, "", qdev, read_only=ro)
+            blk.has_device = True
+            self.graph.add_backend(blk, node, perm, shared)
+        self.devices[did or qdev] = blk
+
+    def del_device(self, did: str) -> None:
+        blk = self.devices.get(did)
+        if blk is None:
+            raise SimError(f"Device '{did}' not found")
+        del self.devices[did]
+        if blk.name:
+            blk.qdev = None
+            blk.has_device = False
+            blk.removable = True
+        else:
+            self.graph.remove_backend(blk)
+        self.bus.emit("DEVICE_DELETED", {"device": did, "path": f"/machine/peripheral/{did}"})
 
     def resolve_qdev(self, path: str) -> BlockBackend:
         blk = self.graph.find_backend_by_qdev(path)

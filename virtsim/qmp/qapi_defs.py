@@ -64,6 +64,7 @@ _MISC: list[Definition] = [
     {"command": "object-del", "data": {"id": "str"}, "allow-preconfig": True},
     # 'gen': false -- QEMU hands the raw dictionary to qdev, which checks only 'driver'
     # up front; device properties are parsed (and rejected) by the device model.
+    {"command": "device_del", "data": {"id": "str"}},
     {"command": "device_add", "data": {"driver": "str", "*bus": "str", "*id": "str"},
      "gen": False, "features": ["json-cli", "json-cli-hotplug"]},
 ]

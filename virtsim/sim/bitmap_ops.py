@@ -169,11 +169,16 @@ def sha256(graph: BlockGraph, node: str, name: str) -> str:
 
 
 # ----- transaction actions ---------------------------------------------------------------
+# QEMU calls ``abort`` on every action that *started* prepare, including the one that
+# failed, with whatever state it had filled in by then.  The actions below keep that
+# exact partial-state behaviour (it is observable: a failed enable leaves the bitmap
+# disabled), but never crash where QEMU 7.2 dereferences a NULL bitmap.
 
 class BitmapAddAction(Action):
     kind = "block-dirty-bitmap-add"
 
     def prepare(self) -> None:
+        self.bm: DirtyBitmap | None = None
         a = self.args
         self.bm = add(self.graph, a["node"], a["name"], a.get("granularity"),
                       a.get("persistent", False), a.get("disabled", False))
@@ -188,13 +193,16 @@ class BitmapRemoveAction(Action):
     kind = "block-dirty-bitmap-remove"
 
     def prepare(self) -> None:
+        self.bm = None
         a = self.args
-        self.node, self.bm = lookup(self.graph, a["node"], a["name"])
+        node, bm = lookup(self.graph, a["node"], a["name"])
         remove(self.graph, a["node"], a["name"], release=False)
-        self.bm.busy = True
-        self.bm.skip_store = True
+        self.node, self.bm = node, bm
+        bm.busy = True
+        bm.skip_store = True
 
     def commit(self) -> None:
+        assert self.bm is not None
         self.bm.busy = False
         if self.bm.persistent:
             remover = getattr(self.node, "remove_persistent_bitmap", None)
@@ -203,14 +211,18 @@ class BitmapRemoveAction(Action):
         self.node.bitmaps.remove(self.bm)
 
     def abort(self) -> None:
-        self.bm.busy = False
-        self.bm.skip_store = False
+        bm = getattr(self, "bm", None)
+        if bm is not None:
+            bm.busy = False
+            bm.skip_store = False
 
 
 class BitmapClearAction(Action):
     kind = "block-dirty-bitmap-clear"
 
     def prepare(self) -> None:
+        self.bm = None
+        self.backup: DirtyBitmap | None = None
         a = self.args
         _, self.bm = lookup(self.graph, a["node"], a["name"])
         check_bitmap(self.bm, CHECK_DEFAULT)
@@ -218,7 +230,8 @@ class BitmapClearAction(Action):
         self.bm.clear()
 
     def abort(self) -> None:
-        self.bm.restore_from(self.backup)
+        if getattr(self, "backup", None) is not None and self.bm is not None:
+            self.bm.restore_from(self.backup)
 
 
 class BitmapEnableAction(Action):
@@ -226,6 +239,9 @@ class BitmapEnableAction(Action):
     target_state = True
 
     def prepare(self) -> None:
+        self.bm = None
+        # QEMU's state starts zeroed: was_enabled == False until the checks pass.
+        self.was = False
         a = self.args
         _, self.bm = lookup(self.graph, a["node"], a["name"])
         check_bitmap(self.bm, CHECK_ALLOW_RO)
@@ -233,7 +249,13 @@ class BitmapEnableAction(Action):
         self.bm.enabled = self.target_state
 
     def abort(self) -> None:
-        self.bm.enabled = self.was
+        bm = getattr(self, "bm", None)
+        if bm is None:
+            return  # QEMU 7.2 dereferences NULL here (SIGSEGV); nothing to undo
+        if self.target_state and not self.was:
+            bm.enabled = False
+        elif not self.target_state and self.was:
+            bm.enabled = True
 
 
 class BitmapDisableAction(BitmapEnableAction):
@@ -245,12 +267,14 @@ class BitmapMergeAction(Action):
     kind = "block-dirty-bitmap-merge"
 
     def prepare(self) -> None:
+        self.bm = None
+        self.backup = None
         a = self.args
         _, self.bm = lookup(self.graph, a["node"], a["target"])
         self.backup = merge(self.graph, a["node"], a["target"], a["bitmaps"])
 
     def abort(self) -> None:
-        if self.backup is not None:
+        if getattr(self, "backup", None) is not None and self.bm is not None:
             self.bm.restore_from(self.backup)
 
 

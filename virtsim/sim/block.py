@@ -19,7 +19,7 @@ from typing import Any
 from . import perm as P
 from .bitmap import BitmapList, DirtyBitmap
 from .errors import SimError
-from .qdict import qdict_order
+from .qdict import to_json
 
 SECTOR = 512
 NODE_NAME_MAX = 31
@@ -105,22 +105,32 @@ class Node:
 
     def filename(self) -> str:
         """QEMU's ``bs->filename``: a real path when one describes the node, else json:{}."""
-        return "json:" + json.dumps(qdict_order(self.json_options()), separators=(", ", ": "))
+        exact = self.exact_filename()
+        if exact is not None and not self.backing_overridden():
+            return exact
+        return "json:" + to_json(self.full_options())
 
-    def json_options(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in self.options.items():
-            if k in ("node-name", "read-only", "auto-read-only", "discard", "cache",
-                     "detect-zeroes", "force-share"):
-                continue
-            if isinstance(v, dict):
-                continue
-            if isinstance(v, str) and k in self.children:
-                continue
-            out[k] = v
+    def exact_filename(self) -> str | None:
+        """The plain filename that describes this node by itself, if there is one."""
+        return None
+
+    def strong_options(self) -> dict[str, Any]:
+        """Driver options that change what the node shows (QEMU's strong_runtime_opts)."""
+        return {}
+
+    def full_options(self) -> dict[str, Any]:
+        """QEMU's ``full_open_options``: enough to open the same node again."""
+        out: dict[str, Any] = {"driver": self.drv, **self.strong_options()}
         for role, edge in self.children.items():
-            out[role] = qdict_order(edge.child.json_options())
+            if role == "backing" and not self.backing_overridden():
+                continue
+            out[role] = edge.child.full_options()
+        if self.backing is None and self.backing_overridden():
+            out["backing"] = None
         return out
+
+    def backing_overridden(self) -> bool:
+        return False
 
     # ----- I/O (public entry points: what a BdrvChild request does) -------------------
     def _check_request(self, offset: int, length: int) -> None:
@@ -230,17 +240,15 @@ class Node:
         return None
 
     def image_info(self, flat: bool) -> dict[str, Any]:
-        info: dict[str, Any] = {"filename": self.filename(), "format": self.drv,
-                                "dirty-flag": False, "actual-size": self.actual_size(),
-                                "virtual-size": self.length()}
+        """ImageInfo, members in QAPI schema order (the serialiser applies QDict order)."""
+        info: dict[str, Any] = {"filename": self.filename(), "format": self.drv}
+        if self.has_get_info():
+            info["dirty-flag"] = False
+        info["actual-size"] = self.actual_size()
+        info["virtual-size"] = self.length()
         cs = self.cluster_size()
         if cs:
             info["cluster-size"] = cs
-        fs = self.format_specific()
-        if fs is not None:
-            info["format-specific"] = fs
-        if not self.has_get_info():
-            del info["dirty-flag"]
         bf = self.backing_filename()
         if bf is not None:
             info["backing-filename"] = bf
@@ -250,6 +258,9 @@ class Node:
                 info["backing-filename-format"] = fmt
         if not flat and self.backing is not None:
             info["backing-image"] = self.backing.image_info(flat)
+        fs = self.format_specific()
+        if fs is not None:
+            info["format-specific"] = fs
         return info
 
     def has_get_info(self) -> bool:
@@ -284,12 +295,12 @@ class Node:
                                 "ro": self.read_only, "drv": self.drv}
         if self.backing is not None:
             info["backing_file"] = self.backing.filename()
-        info.update({"backing_file_depth": self.backing_depth(), "encrypted": False,
+        info.update({"backing_file_depth": 0 if flat else self.backing_depth(),
+                     "encrypted": False,
                      "detect_zeroes": self.detect_zeroes,
                      "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
-                     "image": qdict_order(self.image_info(flat)),
-                     "cache": qdict_order({"writeback": True, "direct": False,
-                                           "no-flush": False}),
+                     "image": self.image_info(flat),
+                     "cache": {"writeback": True, "direct": False, "no-flush": False},
                      "write_threshold": 0})
         bms = self.bitmaps.infos()
         if bms:
@@ -327,8 +338,11 @@ class FileNode(Node):
         except IsADirectoryError:
             raise SimError(f"'{path}' is a directory") from None  # TODO check text
 
-    def filename(self) -> str:
+    def exact_filename(self) -> str | None:
         return self.path
+
+    def strong_options(self) -> dict[str, Any]:
+        return {"filename": self.path}
 
     def length(self) -> int:
         return round_up_sector(self.store.size())
@@ -383,12 +397,12 @@ class NullNode(Node):
         self.size = round_up_sector(int(options.get("size", 1 << 30)))
         self.read_zeroes = bool(options.get("read-zeroes", False))
 
-    def filename(self) -> str:
-        keys = set(self.options) - {"driver", "node-name", "read-only", "auto-read-only",
-                                    "discard", "cache", "detect-zeroes", "force-share"}
-        if not keys:
-            return f"{self.drv}://"
-        return super().filename()
+    def strong_options(self) -> dict[str, Any]:
+        return {k: self.options[k] for k in ("size", "read-zeroes", "latency-ns")
+                if k in self.options}
+
+    def exact_filename(self) -> str | None:
+        return None if self.strong_options() else f"{self.drv}://"
 
     def has_get_info(self) -> bool:
         return False
@@ -433,11 +447,14 @@ class RawNode(Node):
         f = self.file
         return f.has_get_info() if f else False
 
-    def filename(self) -> str:
-        if "offset" in self.options or "size" in self.options:
-            return super().filename()
+    def strong_options(self) -> dict[str, Any]:
+        return {k: self.options[k] for k in ("offset", "size") if k in self.options}
+
+    def exact_filename(self) -> str | None:
+        if self.strong_options():
+            return None
         f = self.file
-        return f.filename() if f else super().filename()
+        return f.filename() if f else None
 
     def length(self) -> int:
         f = self.file
@@ -529,6 +546,7 @@ class Qcow2Node(Node):
         self.store = NodeStore(file)
         self.fmt = Qcow2Format.open(self.store, readonly=self.read_only)
         self.fmt.backing_read = self._read_backing
+        self.auto_backing_file = str(self.fmt.backing_file or "")
         self._load_persistent_bitmaps()
 
     # ----- persistent bitmaps (the qcow2 bitmaps extension) -----------------------------
@@ -596,9 +614,16 @@ class Qcow2Node(Node):
             return b.read(offset, blen - offset) + bytes(offset + length - blen)
         return b.read(offset, length)
 
-    def filename(self) -> str:
+    def exact_filename(self) -> str | None:
         f = self.file
-        return f.filename() if f else super().filename()
+        return f.filename() if f else None
+
+    def backing_overridden(self) -> bool:
+        """QEMU compares the header's backing file with the node actually attached."""
+        b = self.backing
+        if b is not None:
+            return self.auto_backing_file != b.filename()
+        return self.auto_backing_file != ""
 
     def length(self) -> int:
         return round_up_sector(int(self.fmt.virtual_size))
@@ -609,15 +634,15 @@ class Qcow2Node(Node):
     def format_specific(self) -> dict[str, Any] | None:
         data: dict[str, Any] = {"compat": "1.1" if self.fmt.version >= 3 else "0.10"}
         if self.fmt.version >= 3:
+            data["extended-l2"] = False
             data["lazy-refcounts"] = bool(getattr(self.fmt, "lazy_refcounts", False))
-        bitmaps = self.stored_bitmap_info()
-        if bitmaps:
-            data["bitmaps"] = bitmaps
-        data["refcount-bits"] = int(getattr(self.fmt, "refcount_bits", 16))
-        data["corrupt"] = False
-        data["extended-l2"] = False
+            bitmaps = self.stored_bitmap_info()
+            if bitmaps:
+                data["bitmaps"] = bitmaps
+            data["refcount-bits"] = int(getattr(self.fmt, "refcount_bits", 16))
+            data["corrupt"] = False
         data["compression-type"] = "zlib"
-        return {"type": "qcow2", "data": qdict_order(data)}
+        return {"type": "qcow2", "data": data}
 
     def stored_bitmap_info(self) -> list[dict[str, Any]]:
         out = []
@@ -627,8 +652,7 @@ class Qcow2Node(Node):
                 flags.append("in-use")
             if sb.auto:
                 flags.append("auto")
-            out.append(qdict_order({"flags": flags, "name": sb.name,
-                                    "granularity": sb.granularity}))
+            out.append({"name": sb.name, "granularity": sb.granularity, "flags": flags})
         return out
 
     def backing_filename(self) -> str | None:
@@ -696,6 +720,8 @@ class BlockBackend:
         self.read_only = read_only
         self.root_edge: Edge | None = None
         self.io_status = "ok"
+        self.removable = False
+        self.has_device = False
 
     @property
     def root(self) -> Node | None:
@@ -812,6 +838,7 @@ class BlockGraph:
 
     # ----- blockdev-add / blockdev-del ---------------------------------------------------
     def blockdev_add(self, options: dict[str, Any]) -> Node:
+        options = {k: v for k, v in options.items() if k != "_arg"}
         if "node-name" not in options:
             raise SimError("'node-name' must be specified for the root node")
         node = self.open_node(options, inherited_ro=None)
@@ -898,13 +925,16 @@ class BlockGraph:
         ref = options.get("backing", "__default__")
         if ref is None:
             return
-        if ref == "__default__":
+        implicit = ref == "__default__"
+        if implicit:
             bf = node.full_backing_filename()
             if not bf:
                 return
             fmt = node.backing_format()
             ref = {"driver": fmt or "raw", "file": {"driver": "file", "filename": bf}}
         bnode = self._open_child(ref, True, "backing", created, prefix="Could not open backing file: ")
+        if implicit and isinstance(node, Qcow2Node):
+            node.auto_backing_file = bnode.filename()
         nperm, nshared = node.child_perms("backing", 0, P.ALL)
         self.attach(node, bnode, "backing", nperm, nshared)
         bnode.op_blockers.append(f"node is used as backing hd of '{node.node_name}'")
@@ -971,7 +1001,7 @@ class BlockGraph:
 
     # ----- queries --------------------------------------------------------------------------
     def named_nodes_info(self, flat: bool) -> list[dict[str, Any]]:
-        return [qdict_order(n.device_info(flat)) for n in reversed(self.nodes)]
+        return [n.device_info(flat) for n in reversed(self.nodes)]
 
     def close_all(self) -> None:
         for blk in list(self.backends):

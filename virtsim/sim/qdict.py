@@ -42,3 +42,13 @@ def qdict_order_deep(value: Any) -> Any:
     if isinstance(value, list):
         return [qdict_order_deep(v) for v in value]
     return value
+
+
+def to_json(value: Any) -> str:
+    """QEMU's JSON writer (``", "``/``": "`` separators, QDict key order, ASCII output with
+    upper-case ``\\uXXXX``), as used for ``json:{...}`` pseudo-filenames."""
+    import json
+    import re
+
+    text = json.dumps(qdict_order_deep(value), separators=(", ", ": "), ensure_ascii=True)
+    return re.sub(r"\\u([0-9a-f]{4})", lambda m: "\\u" + m.group(1).upper(), text)

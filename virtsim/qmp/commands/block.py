@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ...sim.errors import SimError
-from ...sim.qdict import qdict_order
 from . import command
 
 if TYPE_CHECKING:
@@ -33,17 +32,33 @@ def query_named_block_nodes(emu: Emulator, args: dict[str, Any]) -> Any:
 def query_block(emu: Emulator, args: dict[str, Any]) -> Any:
     out = []
     for blk in emu.graph.backends:
-        info: dict[str, Any] = {"device": blk.name, "locked": False, "removable": False,
-                                "type": "unknown"}
+        info: dict[str, Any] = {"device": blk.name}
         if blk.qdev:
             info["qdev"] = blk.qdev
+        info.update({"type": "unknown", "removable": blk.removable, "locked": False})
         root = blk.root
         if root is not None:
-            info["inserted"] = qdict_order(root.device_info(flat=False))
+            info["inserted"] = root.device_info(flat=False)
+        if blk.has_device:
             info["io-status"] = blk.io_status
-        out.append(qdict_order(info))
+        out.append(info)
     return out
 
 
 def _unused(_: SimError) -> None:  # keep the import for handlers added later
     return None
+
+
+@command("device_add")
+def device_add(emu: Emulator, args: dict[str, Any]) -> Any:
+    from ..emulator import DeviceSpec
+
+    props = {k: str(v) for k, v in args.items()}
+    emu.add_device(DeviceSpec(str(args["driver"]), props.get("id"), props.get("drive"), props))
+    return {}
+
+
+@command("device_del")
+def device_del(emu: Emulator, args: dict[str, Any]) -> Any:
+    emu.del_device(args["id"])
+    return {}

@@ -111,6 +111,8 @@ def _info(emu: Emulator, what: str) -> str:
         v = emu.version_info()
         q = v["qemu"]
         return f"{q['major']}.{q['minor']}.{q['micro']}{v['package']}\r\n"
+    if what == "name":
+        return f"{emu.config.name}\r\n" if emu.config.name is not None else ""
     if what == "status":
         if emu.run_state == "running":
             return "VM status: running\r\n"

@@ -22,7 +22,7 @@ def query_commands(emu: Emulator, args: dict[str, Any]) -> Any:
 
 @command("query-status")
 def query_status(emu: Emulator, args: dict[str, Any]) -> Any:
-    return {"status": emu.run_state, "singlestep": False, "running": emu.run_state == "running"}
+    return {"running": emu.run_state == "running", "singlestep": False, "status": emu.run_state}
 
 
 @command("query-name")
@@ -58,6 +58,21 @@ def system_reset(emu: Emulator, args: dict[str, Any]) -> Any:
 def quit_(emu: Emulator, args: dict[str, Any]) -> Any:
     emu.request_quit()
     return {}
+
+
+@command("query-jobs")
+def query_jobs(emu: Emulator, args: dict[str, Any]) -> Any:
+    return []
+
+
+@command("query-block-jobs")
+def query_block_jobs(emu: Emulator, args: dict[str, Any]) -> Any:
+    return []
+
+
+@command("query-block-exports")
+def query_block_exports(emu: Emulator, args: dict[str, Any]) -> Any:
+    return []
 
 
 assert "quit" in REGISTRY
