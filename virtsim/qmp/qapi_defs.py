@@ -882,6 +882,9 @@ _OBJECTS: list[Definition] = [
 
 # virtsim-only commands (prefix x-virtsim-): simulator controls with no QEMU equivalent.
 _VIRTSIM: list[Definition] = [
+    # QEMU's OOB-capable migration command; virtsim never migrates, so it always fails
+    # the way QEMU does outside postcopy (this keeps exec-oob flows testable).
+    {"command": "migrate-pause", "allow-oob": True},
     {"struct": "XVirtsimRegion", "data": {"offset": "uint64", "length": "uint64"}},
     {"command": "x-virtsim-guest-workload",
      "data": {"device": "str", "*qdev": "bool", "*seed": "int", "*writes": "uint32",

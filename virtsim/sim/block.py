@@ -325,6 +325,8 @@ class FileNode(Node):
 
         path = str(options["filename"])
         self.path = path
+        if not path:
+            raise SimError("The 'file' block driver requires a file name")
         try:
             self.store = FileStore(path, readonly=self.read_only)
         except FileNotFoundError:
@@ -336,7 +338,15 @@ class FileNode(Node):
             else:
                 raise SimError(f"Could not open '{path}': Permission denied") from None
         except IsADirectoryError:
-            raise SimError(f"'{path}' is a directory") from None  # TODO check text
+            raise SimError(f"Could not open '{path}': Is a directory") from None
+
+        from .filelock import ImageLock
+
+        self.lock = ImageLock(self.store.fd) if options.get("locking", "auto") != "off" else None
+
+    def apply_lock(self, perm: int, shared: int) -> None:
+        if self.lock is not None and not self.closed:
+            self.lock.apply(perm, shared)
 
     def exact_filename(self) -> str | None:
         return self.path
@@ -394,7 +404,11 @@ class NullNode(Node):
     def __init__(self, graph: BlockGraph, options: dict[str, Any]) -> None:
         super().__init__(graph, options)
         self.drv = str(options.get("driver", "null-co"))
-        self.size = round_up_sector(int(options.get("size", 1 << 30)))
+        size = int(options.get("size", 1 << 30))
+        if size < 0:
+            # QEMU 7.2 aborts on this (assertion in the block layer); refuse it instead.
+            raise SimError(f"Invalid size {size} for {self.drv}: must not be negative")
+        self.size = round_up_sector(size)
         self.read_zeroes = bool(options.get("read-zeroes", False))
 
     def strong_options(self) -> dict[str, Any]:
@@ -664,7 +678,8 @@ class Qcow2Node(Node):
             return None
         if bf.startswith("/") or ":" in bf.split("/")[0]:
             return str(bf)
-        base = os.path.dirname(self.filename())
+        f = self.file
+        base = os.path.dirname(f.filename() if f is not None else "")
         return os.path.join(base, bf)
 
     def backing_format(self) -> str | None:
@@ -819,7 +834,11 @@ class BlockGraph:
         child.parents.append(edge)
         if isinstance(parent, Node):
             parent.children[role] = edge
-        self._refresh_child_perms(child)
+        try:
+            self._refresh_child_perms(child)
+        except SimError:
+            self.detach(edge)
+            raise
         return edge
 
     def detach(self, edge: Edge) -> None:
@@ -831,7 +850,10 @@ class BlockGraph:
         self._refresh_child_perms(child)
 
     def _refresh_child_perms(self, node: Node) -> None:
+        """Propagate permissions down from ``node``; file nodes take QEMU's lock bytes."""
         perm, shared = node.cumulative_perms()
+        if isinstance(node, FileNode):
+            node.apply_lock(perm, shared)
         for role, edge in node.children.items():
             edge.perm, edge.shared = node.child_perms(role, perm, shared)
             self._refresh_child_perms(edge.child)

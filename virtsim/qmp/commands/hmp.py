@@ -125,6 +125,9 @@ def _info(emu: Emulator, what: str) -> str:
 @command("human-monitor-command")
 def human_monitor_command(emu: Emulator, args: dict[str, Any]) -> Any:
     line: str = args["command-line"]
+    cpu = args.get("cpu-index")
+    if cpu is not None and not (emu.config.machine != "none" and cpu == 0):
+        raise SimError("Parameter 'cpu-index' expects a CPU number")
     stripped = line.lstrip()
     word = stripped.split(None, 1)[0] if stripped.split() else ""
     if word == "qemu-io":

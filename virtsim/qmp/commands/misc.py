@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ...sim.errors import SimError
 from . import REGISTRY, command
 
 if TYPE_CHECKING:
@@ -58,6 +59,11 @@ def system_reset(emu: Emulator, args: dict[str, Any]) -> Any:
 def quit_(emu: Emulator, args: dict[str, Any]) -> Any:
     emu.request_quit()
     return {}
+
+
+@command("migrate-pause")
+def migrate_pause(emu: Emulator, args: dict[str, Any]) -> Any:
+    raise SimError("migrate-pause is currently only supported during postcopy-active state")
 
 
 @command("query-jobs")
