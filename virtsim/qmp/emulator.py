@@ -73,11 +73,13 @@ class Emulator:
         self.bus = EventBus()
         self.graph = BlockGraph(rng=self.rng)
         self.graph.device_ids = self.device_ids
+        self.graph.warn = self._report
         self.run_state = "prelaunch" if self.config.start_paused else "running"
         self.devices: dict[str, BlockBackend] = {}
         self.servers: list[Any] = []
         self.quit_event = asyncio.Event() if _has_loop() else None
         self._quitting = False
+        self.in_command = False
         load_all()
         for opts in self.config.blockdevs:
             try:
@@ -94,6 +96,14 @@ class Emulator:
                 self.add_device(dev)
             except SimError as e:
                 raise StartupError(f"-device {dev.props.get('_arg', '')}: {e.desc}") from None
+
+    def _report(self, msg: str) -> None:
+        """QEMU's error_report(): program name prefix, on stderr."""
+        import sys
+
+        # like QEMU, no program-name prefix while a monitor command is running
+        prefix = "" if self.in_command else "qemu-system-x86_64: "
+        print(f"{prefix}{msg}", file=sys.stderr, flush=True)
 
     # ----- identity -------------------------------------------------------------------
     def version_info(self) -> dict[str, Any]:

@@ -134,7 +134,11 @@ class Session:
             if handler is None:
                 raise SimError(f"The command {req.name} has not been found", "CommandNotFound")
             args = schema.validate(req.name, req.arguments)
-            value = handler(self.emu, args)
+            self.emu.in_command = True
+            try:
+                value = handler(self.emu, args)
+            finally:
+                self.emu.in_command = False
         except SimError as e:
             self.core.send_error(req, e.error_class, e.desc)
         except Exception as e:  # a bug in virtsim: say so in QEMU's terms, keep serving

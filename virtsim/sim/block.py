@@ -375,7 +375,7 @@ class FileNode(Node):
         if unmap:
             self.store.punch_hole(offset, length)
         else:
-            self.store.pwrite(offset, bytes(length))
+            self.store.zero_range(offset, length)
 
     def _drv_discard(self, offset: int, length: int) -> None:
         if self.options.get("discard") == "unmap":
@@ -537,6 +537,9 @@ class NodeStore:
     def punch_hole(self, offset: int, length: int) -> None:
         self.node.write_zeroes(offset, length, unmap=True)
 
+    def zero_range(self, offset: int, length: int) -> None:
+        self.node.write_zeroes(offset, length, unmap=False)
+
     def data_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return [(o, n, k == DATA) for o, n, k in self.node.block_status(offset, length)]
 
@@ -559,7 +562,8 @@ class Qcow2Node(Node):
 
         self.store = NodeStore(file)
         self.fmt = Qcow2Format.open(self.store, readonly=self.read_only)
-        self.fmt.backing_read = self._read_backing
+        self.fmt.pass_discard_request = options.get("discard") == "unmap"
+        self.fmt.file_discard = file.options.get("discard") == "unmap"
         self.auto_backing_file = str(self.fmt.backing_file or "")
         self._load_persistent_bitmaps()
 
@@ -571,15 +575,17 @@ class Qcow2Node(Node):
         loads as inconsistent and stays so until removed.
         """
         stored = list(self.fmt.stored_bitmaps())
+        self._kept_auto: dict[str, bool] = {}
         if not stored:
             return
         length = self.length()
-        for sb in reversed(stored):  # directory order is oldest first; list is newest first
+        for sb in stored:  # each one goes to the head of the list: reverse directory order
             bm = DirtyBitmap(length, sb.granularity, sb.name)
             bm.persistent = True
             if sb.in_use:
                 bm.inconsistent = True
                 bm.enabled = False
+                self._kept_auto[sb.name] = bool(sb.auto)  # on-disk flags stay as found
             else:
                 bm.set_granules(self.fmt.load_bitmap(sb.name))
                 bm.enabled = bool(sb.auto)
@@ -594,8 +600,8 @@ class Qcow2Node(Node):
         check = getattr(self.fmt, "can_store_bitmap", None)
         if check is None:
             return None
-        count = sum(1 for b in self.bitmaps.all() if b.persistent)
-        result = check(name, granularity, count)
+        names = [b.name for b in self.bitmaps.all() if b.persistent and b.name]
+        result = check(name, granularity, names)
         return str(result) if result else None
 
     def remove_persistent_bitmap(self, bm: DirtyBitmap) -> None:
@@ -604,18 +610,43 @@ class Qcow2Node(Node):
         self._store_bitmaps(exclude=bm, in_use=True)
 
     def _store_bitmaps(self, exclude: DirtyBitmap | None = None, in_use: bool = False) -> None:
+        """Write the bitmap directory like QEMU: bitmaps already on disk keep their place,
+        new ones are appended in list order (newest first)."""
+        mine = [bm for bm in self.bitmaps.all()
+                if bm.persistent and bm is not exclude and bm.name is not None
+                and not bm.skip_store]
+        by_name = {bm.name: bm for bm in mine}
+        on_disk = [sb.name for sb in self.fmt.stored_bitmaps()]
+        order = [by_name[n] for n in on_disk if n in by_name]
+        order += [bm for bm in mine if bm.name not in on_disk]
         entries = []
-        for bm in reversed(list(self.bitmaps.all())):  # oldest first on disk
-            if not bm.persistent or bm is exclude or bm.name is None or bm.skip_store:
-                continue
-            entries.append((bm.name, bm.granularity, bm.enabled, in_use or bm.inconsistent,
-                            bm.granules()))
-        if entries or any(True for _ in self.fmt.stored_bitmaps()):
+        for bm in order:
+            assert bm.name is not None
+            keep = bm.inconsistent or bm.readonly
+            auto = self._kept_auto.get(bm.name, bm.enabled) if bm.inconsistent else bm.enabled
+            entries.append((bm.name, bm.granularity, auto, in_use or bm.inconsistent,
+                            None if keep else bm.granules()))
+        if entries or on_disk:
             self.fmt.store_bitmaps(entries)
 
     def store_persistent_bitmaps(self) -> None:
         if not self.read_only:
             self._store_bitmaps()
+        elif any(bm.persistent and not bm.readonly for bm in self.bitmaps.all()):
+            self.graph.warn(f"Lost persistent bitmaps during inactivation of node "
+                            f"'{self.node_name}': No write access")
+
+    def backing_attached(self) -> None:
+        """Called once the backing edge exists: from now on unallocated reads go there."""
+        self.fmt.backing_read = self._read_backing
+        self.fmt.backing_is_zero = self._backing_is_zero
+
+    def _backing_is_zero(self, offset: int, length: int) -> bool:
+        b = self.backing
+        if b is None:
+            return True
+        end = min(offset + length, b.length())
+        return offset >= end or _reads_as_zero(b, offset, end - offset)
 
     def _read_backing(self, offset: int, length: int) -> bytes:
         b = self.backing
@@ -715,6 +746,22 @@ class Qcow2Node(Node):
         super().close()
 
 
+def _reads_as_zero(node: Node, offset: int, length: int) -> bool:
+    """True if [offset, offset+length) of ``node`` reads as zeroes through its chain."""
+    for o, n, kind in node.block_status(offset, length):
+        if kind == ZERO:
+            continue
+        if kind == DATA:
+            return False
+        below = node.backing
+        if below is None:
+            continue
+        blen = below.length()
+        if o < blen and not _reads_as_zero(below, o, min(n, blen - o)):
+            return False
+    return True
+
+
 def _kind_name(kind: Any) -> str:
     name = getattr(kind, "name", str(kind)).lower()
     if name.startswith("data"):
@@ -760,6 +807,8 @@ class BlockGraph:
         self._auto_counter = 0
         self._rng = rng or random.Random(0)
         self.device_ids: Callable[[], set[str]] = lambda: set()
+        # where QEMU would error_report(): the emulator prints it on stderr
+        self.warn: Callable[[str], None] = lambda msg: None
 
     # ----- lookup -----------------------------------------------------------------------
     def find_node(self, name: str) -> Node | None:
@@ -884,12 +933,14 @@ class BlockGraph:
         return node
 
     def _open_child(self, ref: Any, parent_ro: bool, role: str, created: list[Node],
-                    prefix: str = "") -> Node:
+                    prefix: str = "", parent_opts: dict[str, Any] | None = None) -> Node:
         if isinstance(ref, str):
             try:
                 return self.lookup_bs(ref, ref)
             except SimError as e:
                 raise SimError(prefix + e.desc) from None
+        if role == "file" and parent_opts and "discard" in parent_opts and "discard" not in ref:
+            ref = {**ref, "discard": parent_opts["discard"]}  # inline children inherit it
         try:
             node = self.open_node(ref, inherited_ro=parent_ro if role != "backing" else True,
                                   role=role)
@@ -913,7 +964,7 @@ class BlockGraph:
         if driver in ("raw", "qcow2"):
             if "file" not in options:
                 raise SimError("A block device must be specified for \"file\"")
-            file = self._open_child(options["file"], ro, "file", created)
+            file = self._open_child(options["file"], ro, "file", created, parent_opts=options)
             if name is not None:
                 self.check_node_name(name)
             if driver == "raw":
@@ -959,6 +1010,8 @@ class BlockGraph:
             node.auto_backing_file = bnode.filename()
         nperm, nshared = node.child_perms("backing", 0, P.ALL)
         self.attach(node, bnode, "backing", nperm, nshared)
+        if isinstance(node, Qcow2Node):
+            node.backing_attached()
         bnode.op_blockers.append(f"node is used as backing hd of '{node.node_name}'")
 
     def _register_or_close(self, node: Node, name: str | None) -> None:
@@ -969,7 +1022,9 @@ class BlockGraph:
             raise
 
     def _destroy(self, node: Node) -> None:
-        """Tear down an implicitly created node and its implicit children."""
+        """Close a node, then drop its children that nobody else holds (QEMU's order:
+        the parent closes first, so a qcow2 node can still store its bitmaps)."""
+        self.close_node(node)
         for edge in list(node.children.values()):
             child = edge.child
             self.detach(edge)
@@ -979,15 +1034,12 @@ class BlockGraph:
                     child.op_blockers.remove(msg)
             if not child.monitor_owned and not child.parents:
                 self._destroy(child)
-        self.close_node(node)
         self._unregister(node)
 
     def close_node(self, node: Node) -> None:
-        """Close a node: persistent bitmaps are written back to the image first."""
-        store = getattr(self, "on_close", None)
-        if callable(store):
-            store(node)
-        node.close()
+        """Close a node (a qcow2 node writes its persistent bitmaps back first)."""
+        if not node.closed:
+            node.close()
 
     def blockdev_del(self, node_name: str) -> None:
         node = self.find_node(node_name)

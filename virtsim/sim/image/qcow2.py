@@ -15,6 +15,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from pyroaring import BitMap64
 
@@ -388,6 +389,7 @@ class Qcow2Format:
         new = array("Q", bytes(8 * min_size))
         new[:len(self._l1)] = self._l1
         off = self._alloc_clusters(8 * min_size)
+        self._flush_refblocks()
         self.store.pwrite(off, dump_u64(new))
         self.store.pwrite(OFF_L1_SIZE, struct.pack(">IQ", min_size, off))
         old_off, old_size = self._h.l1_table_offset, len(self._l1)
@@ -395,6 +397,29 @@ class Qcow2Format:
         self._l1_dirty.clear()
         self._h.l1_table_offset, self._h.l1_size = off, min_size
         self._free_clusters(old_off, old_size * 8, DISCARD_OTHER)
+
+    def truncate(self, size: int) -> None:
+        """Grow the virtual size (qcow2_co_truncate, preallocation=off): a bigger L1 table.
+
+        Shrinking is not modelled.  Stored bitmaps keep their old-sized tables; the caller
+        stores them again (with the new size) like QEMU does for in-use bitmaps.
+        """
+        self._check_writable()
+        if size % 512:
+            raise ImageError("The new size must be a multiple of 512")
+        if self._h.nb_snapshots:
+            raise ImageError("Can't resize an image which has snapshots")
+        if size < self.virtual_size:
+            raise ImageError("virtsim: shrinking qcow2 images is not supported")
+        if size == self.virtual_size:
+            return
+        l1 = self._size_to_l1(size)
+        if l1 > MAX_L1_SIZE // 8:
+            raise ImageError("Failed to grow the L1 table: File too large")
+        self._write_metadata()
+        self._grow_l1(l1)
+        self._h.size = size
+        self.store.pwrite(OFF_SIZE, size.to_bytes(8, "big"))
 
     # ================================================================ header & metadata I/O
     def _write_header(self) -> None:
@@ -414,6 +439,13 @@ class Qcow2Format:
         self._rb_dirty.clear()
         self._write_entries(self._rt, self._rt_dirty, self._h.refcount_table_offset)
         self._write_entries(self._l1, self._l1_dirty, self._h.l1_table_offset)
+
+    def _flush_refblocks(self) -> None:
+        """qcow2_cache_flush(refcount_block_cache): QEMU does it whenever it allocates
+        metadata, so new refcount blocks are on disk (and in actual-size) at once."""
+        for off in sorted(self._rb_dirty):
+            self.store.pwrite(off, self._rc.encode(self._rb[off]))
+        self._rb_dirty.clear()
 
     def _write_entries(self, table: array[int], dirty: set[int], base: int) -> None:
         if not dirty:
@@ -626,6 +658,7 @@ class Qcow2Format:
             blk = self._rc.empty()
         self._rb[new_block] = blk
         self._rb_dirty.add(new_block)
+        self._flush_refblocks()
         if ti < len(self._rt):
             # hooked up at once like QEMU (bdrv_pwrite_sync of the entry): if the table
             # moves later, the stale copy in the freed cluster matches QEMU's
@@ -682,6 +715,7 @@ class Qcow2Format:
                 for k in range(j, end_index):
                     blk[k] = 1
                 self._rb_dirty.add(boff)
+        self._flush_refblocks()
         self.store.pwrite(table_offset, dump_u64(new))
         self.store.pwrite(OFF_REFCOUNT_TABLE_OFFSET,
                           struct.pack(">QI", table_offset, table_clusters))
@@ -763,11 +797,16 @@ class Qcow2Format:
         off = self._alloc_clusters(self.cluster_size)
         if off == 0:
             raise ImageError("Preventing invalid allocation of L2 table at offset 0")
+        self._flush_refblocks()
         tbl = array("Q", self._load_l2(old)) if old else array("Q", bytes(self.cluster_size))
         self._l2[off] = tbl
-        self._l2_dirty.add(off)
+        # written at once and hooked into L1 at once, as l2_allocate does: the table is on
+        # disk (actual-size, qemu-img check of a live image) before any data needs it
+        self.store.pwrite(off, dump_u64(tbl))
+        self._l2_dirty.discard(off)
         self._l1[l1i] = off | OFLAG_COPIED
-        self._l1_dirty.add(l1i)
+        self._l1_dirty.discard(l1i)
+        self.store.pwrite(self._h.l1_table_offset + 8 * l1i, self._l1[l1i].to_bytes(8, "big"))
 
     def _iter_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int, int]]:
         """Runs (guest_offset, length, type, host_offset, first_entry) of one mapping kind.
@@ -785,8 +824,16 @@ class Qcow2Format:
             ci = pos >> cb
             l1i = ci >> self._l2_bits
             stop = min(end, (l1i + 1) << table_shift)
+            if l1i >= len(self._l1):
+                stop = end
             l2 = self._l2_or_none(l1i)
             if l2 is None:
+                j, l1 = l1i + 1, self._l1
+                while stop < end and j < len(l1) and not l1[j] & L1E_OFFSET_MASK:
+                    j += 1
+                    stop = min(end, j << table_shift)
+                if j >= len(l1):
+                    stop = end
                 yield pos, stop - pos, UNALLOC, 0, 0
                 pos = stop
                 continue
@@ -983,9 +1030,12 @@ class Qcow2Format:
 
         head = goff & mask
         tail = (-end) & mask
-        need_head = head and not (metas[0][3] and _classify(self._entry(goff >> cb)) == NORMAL)
-        need_tail = tail and not (metas[-1][3] and
-                                  _classify(self._entry((end - 1) >> cb)) == NORMAL)
+        need_head = bool(head) and not (
+            metas[0][3] and _classify(self._entry(goff >> cb)) == NORMAL)
+        need_tail = bool(tail) and not (
+            metas[-1][3] and _classify(self._entry((end - 1) >> cb)) == NORMAL)
+        if need_head or need_tail:
+            need_head, need_tail = self._alloc_space(metas, goff, end, need_head, need_tail)
         head_data = self.read(goff - head, head) if need_head else b""
         tail_data = self.read(end, tail) if need_tail else b""
         if not (head_data or tail_data):
@@ -1005,6 +1055,39 @@ class Qcow2Format:
                 self.store.pwrite(host_start + hi, bytes(view[hi:written]) + tail_data)
         self._link_l2(metas)
         return written
+
+    def _alloc_space(self, metas: list[tuple[int, int, int, bool]], goff: int, end: int,
+                     need_head: bool, need_tail: bool) -> tuple[bool, bool]:
+        """handle_alloc_space: COW regions that read as zero are not copied.
+
+        QEMU zeroes the new clusters on the file with a no-fallback write_zeroes (file-posix:
+        fallocate ZERO_RANGE) and writes only the guest data over them.  The zeroed parts
+        stay unwritten extents, which ``SEEK_DATA`` (and so ``qemu-img map``) reports as
+        holes.  Returns which COW copies are still needed.
+        """
+        zero_range = getattr(self.store, "zero_range", None)
+        if zero_range is None:
+            return need_head, need_tail
+        cs = self.cluster_size
+        last = len(metas) - 1
+        for i, (gstart, nb, hstart, _keep) in enumerate(metas):
+            cow_start = need_head and i == 0
+            cow_end = need_tail and i == last
+            if not (cow_start or cow_end):
+                continue
+            mend = gstart + nb * cs
+            if cow_start and not self._is_zero(gstart, goff - gstart):
+                continue
+            if cow_end and not self._is_zero(end, mend - end):
+                continue
+            lo = 0 if cow_start else max(goff, gstart) - gstart
+            hi = nb * cs if cow_end else min(end, mend) - gstart
+            cast(Callable[[int, int], None], zero_range)(hstart + lo, hi - lo)
+            if cow_start:
+                need_head = False
+            if cow_end:
+                need_tail = False
+        return need_head, need_tail
 
     def _link_l2(self, metas: list[tuple[int, int, int, bool]]) -> None:
         """qcow2_alloc_cluster_link_l2 for each piece: point L2 at the new clusters."""
@@ -1410,12 +1493,22 @@ class Qcow2Format:
         lazy-refcounts image on open.
         """
         self._check_open()
+        self._write_metadata()  # cached tables count as being in the file
         res = CheckResult()
         cs, cb = self.cluster_size, self.cluster_bits
         expected: dict[int, int] = {}
 
+        file_len = self.store.size()
+
         def inc(off: int, length: int) -> None:
             if length <= 0:
+                return
+            if off + length - file_len >= cs:
+                # qcow2_inc_refcounts_imrt: the last cluster may be half written, no more
+                res.corruptions += 1
+                res.messages.append("ERROR: counting reference for region exceeding the end "
+                                    f"of the file by one cluster or more: offset {off:#x} "
+                                    f"size {length:#x}")
                 return
             for c in range(off >> cb, ((off + length - 1) >> cb) + 1):
                 expected[c] = expected.get(c, 0) + 1
@@ -1490,7 +1583,7 @@ class Qcow2Format:
                     if off:
                         inc(off, cs)
 
-        nclusters = (self.store.size() + cs - 1) >> cb
+        nclusters = (file_len + cs - 1) >> cb
         if expected:
             nclusters = max(nclusters, max(expected) + 1)
         highest = -1

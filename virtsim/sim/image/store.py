@@ -29,7 +29,12 @@ _FIRST_BLOCK = 4096
 
 @runtime_checkable
 class Store(Protocol):
-    """What an image format needs from the layer below it."""
+    """What an image format needs from the layer below it.
+
+    A store may also offer ``zero_range(offset, length)`` (zero, keep allocated, grow if
+    needed: fallocate ZERO_RANGE).  The formats probe for it, because QEMU zeroes COW areas
+    and raw write-zeroes that way, and ``qemu-img map`` then shows those ranges as holes.
+    """
 
     filename: str
     readonly: bool
@@ -243,10 +248,20 @@ class FileStore:
             return
         if self.capacity is not None:
             self._check_capacity(offset, length)
+        # file-posix's chain: ZERO_RANGE, else punch a hole and fallocate it back (tmpfs),
+        # else fallocate past EOF, else plain zero writes (the block layer's fallback)
         if self._has_zero_range:
             if self._fallocate(_FALLOC_FL_ZERO_RANGE, offset, length):
                 return
             self._has_zero_range = False
+        if self._has_punch:
+            if self._fallocate(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+                if self._fallocate(0, offset, length):
+                    return
+            else:
+                self._has_punch = False
+        if offset >= self.size() and self._fallocate(0, offset, length):
+            return
         self._write_zeros(offset, length)
 
     def _write_zeros(self, offset: int, length: int) -> None:
