@@ -31,7 +31,7 @@ async def demo(workdir: str) -> int:
     """Guest writes dirty a bitmap; the bitmap persists in the qcow2 image (shown by qemu-img)."""
     from qemu.qmp import QMPClient
 
-    from .qmp.emulator import embedded
+    from .qmp.emulator import EmulatorConfig, embedded
     from .sim.image.qcow2 import Qcow2Format
     from .sim.image.store import FileStore
 
@@ -43,11 +43,11 @@ async def demo(workdir: str) -> int:
     store.close()
     _say(f"1. virtsim created a 64 MiB qcow2 image: {image}")
 
-    async with embedded() as emu:
+    async with embedded(EmulatorConfig(echo_qemu_io=False)) as emu:
         qmp = QMPClient("virtsim-demo")
         await qmp.connect(emu.qmp_address)
         try:
-            ver = await qmp.execute("query-version")
+            ver: Any = await qmp.execute("query-version")
             _say(f"2. embedded emulator up; query-version says QEMU "
                  f"{ver['qemu']['major']}.{ver['qemu']['minor']}.{ver['qemu']['micro']}")
             await qmp.execute("blockdev-add", {"driver": "file", "node-name": "disk0-file",
@@ -56,7 +56,7 @@ async def demo(workdir: str) -> int:
                                                 "file": "disk0-file"})
             await qmp.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "chk1",
                                                           "persistent": True})
-            nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+            nodes: Any = await qmp.execute("query-named-block-nodes", {"flat": True})
             _say("3. bitmap chk1 added (persistent). Before guest writes:")
             _say(_bitmap_line(next(n for n in nodes if n["node-name"] == "disk0")))
             for cmd in ('write -P 0xab 0 1M', 'write -P 0xcd 10M 64k', 'write -z 32M 128k'):
@@ -66,7 +66,7 @@ async def demo(workdir: str) -> int:
             nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
             _say("4. After guest writes:")
             _say(_bitmap_line(next(n for n in nodes if n["node-name"] == "disk0")))
-            sha = await qmp.execute("x-debug-block-dirty-bitmap-sha256",
+            sha: Any = await qmp.execute("x-debug-block-dirty-bitmap-sha256",
                                     {"node": "disk0", "name": "chk1"})
             _say(f"   sha256 of chk1 (same algorithm as QEMU): {sha['sha256']}")
             await qmp.execute("blockdev-del", {"node-name": "disk0"})

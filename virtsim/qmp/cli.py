@@ -213,20 +213,22 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
             cfg.blockdevs.append(bd)
         elif opt == "drive":
             val = need()
-            d = {k: (v if v is not None else "on") for k, v in split_opts(val)}
-            d["_arg"] = val
-            cfg.drives.append(d)
+            drive: dict[str, str] = {k: (v if v is not None else "on")
+                                     for k, v in split_opts(val)}
+            drive["_arg"] = val
+            cfg.drives.append(drive)
         elif opt == "device":
             val = need()
             kv = split_opts(val)
-            driver = kv[0][0] if kv[0][1] is None else dict(kv).get("driver", "")
+            driver = kv[0][0] if kv[0][1] is None else (dict(kv).get("driver") or "")
             props = {k: (v or "") for k, v in kv[1:]}
-            if driver in ("virtio-scsi-pci", "virtio-scsi", "piix3-ide", "ich9-ahci",
-                          "virtio-serial-pci", "virtio-serial", "virtserialport",
-                          "pcie-root-port", "virtio-balloon-pci"):
-                continue  # controllers: nothing to simulate
-            props["_arg"] = val
-            cfg.devices.append(DeviceSpec(driver, props.get("id"), props.get("drive"), props))
+            # controllers have nothing to simulate: accepted, not modelled
+            if driver not in ("virtio-scsi-pci", "virtio-scsi", "piix3-ide", "ich9-ahci",
+                              "virtio-serial-pci", "virtio-serial", "virtserialport",
+                              "pcie-root-port", "virtio-balloon-pci"):
+                props["_arg"] = val
+                cfg.devices.append(DeviceSpec(driver, props.get("id"), props.get("drive"),
+                                              props))
         elif opt == "daemonize":
             proc["daemonize"] = True
         elif opt == "pidfile":

@@ -141,7 +141,7 @@ class Emulator:
     # ----- block helpers ----------------------------------------------------------------
     def check_blockdev_options(self, opts: dict[str, Any]) -> dict[str, Any]:
         drv = opts.get("driver")
-        unsupported = getattr(schema, "UNSUPPORTED_DRIVERS", set())
+        unsupported: frozenset[str] = schema.UNSUPPORTED_DRIVERS
         if drv in unsupported:
             raise SimError(f"Driver '{drv}' is not supported by virtsim")
         return opts

@@ -185,8 +185,9 @@ class BitmapAddAction(Action):
         self.node = self.graph.lookup_bs(a["node"], a["node"])
 
     def abort(self) -> None:
-        if getattr(self, "bm", None) is not None:
-            self.node.bitmaps.remove(self.bm)
+        bm = getattr(self, "bm", None)
+        if bm is not None:
+            self.node.bitmaps.remove(bm)
 
 
 class BitmapRemoveAction(Action):
@@ -230,8 +231,9 @@ class BitmapClearAction(Action):
         self.bm.clear()
 
     def abort(self) -> None:
-        if getattr(self, "backup", None) is not None and self.bm is not None:
-            self.bm.restore_from(self.backup)
+        backup = getattr(self, "backup", None)
+        if backup is not None and self.bm is not None:
+            self.bm.restore_from(backup)
 
 
 class BitmapEnableAction(Action):
@@ -274,8 +276,9 @@ class BitmapMergeAction(Action):
         self.backup = merge(self.graph, a["node"], a["target"], a["bitmaps"])
 
     def abort(self) -> None:
-        if getattr(self, "backup", None) is not None and self.bm is not None:
-            self.bm.restore_from(self.backup)
+        backup = getattr(self, "backup", None)
+        if backup is not None and self.bm is not None:
+            self.bm.restore_from(backup)
 
 
 BITMAP_ACTIONS: dict[str, type[Action]] = {

@@ -9,7 +9,6 @@ are small subclasses of :class:`Node`; formats delegate the on-disk work to
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -518,8 +517,8 @@ class NodeStore:
             return self.node.read(offset, size - offset) + bytes(offset + length - size)
         return self.node.read(offset, length)
 
-    def pwrite(self, offset: int, data: bytes) -> None:
-        self.node.write(offset, data)
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.node.write(offset, bytes(data))
 
     def size(self) -> int:
         n = self.node
@@ -1005,7 +1004,8 @@ class BlockGraph:
                 return
             fmt = node.backing_format()
             ref = {"driver": fmt or "raw", "file": {"driver": "file", "filename": bf}}
-        bnode = self._open_child(ref, True, "backing", created, prefix="Could not open backing file: ")
+        bnode = self._open_child(ref, True, "backing", created,
+                                 prefix="Could not open backing file: ")
         if implicit and isinstance(node, Qcow2Node):
             node.auto_backing_file = bnode.filename()
         nperm, nshared = node.child_perms("backing", 0, P.ALL)

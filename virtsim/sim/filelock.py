@@ -32,7 +32,8 @@ def _conflicts(fd: int, start: int) -> bool:
     """Would an exclusive lock on ``start`` conflict with another open file's lock?"""
     res = fcntl.fcntl(fd, _OFD_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET,
                                                   start, 1, 0))
-    return struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK
+    kind: int = struct.unpack(_FLOCK, res)[0]
+    return kind != fcntl.F_UNLCK
 
 
 class ImageLock:

@@ -71,9 +71,8 @@ def _qemu_io(emu: Emulator, line: str) -> str:
         node = blk2.root if blk2 is not None else emu.graph.find_node(parsed.device)
         if node is None:
             return guest.node_not_found_reply(parsed.device)
-        blk = blk2 if blk2 is not None else None
-    if blk is None:
-        temp = emu.graph.temporary_backend(node, 0)
+        if blk2 is None:
+            temp = emu.graph.temporary_backend(node, 0)
 
     def acquire_write() -> str | None:
         if node.read_only:
