@@ -291,3 +291,18 @@ def test_garbage_is_linear() -> None:
     out = feed(garbage, 65536)
     assert out and all(isinstance(x, JsonParseError) or x is not None for x in out)
     assert time.perf_counter() - start < 10.0
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_VALUES)
+def test_fast_writer_matches_exact_writer(value: object) -> None:
+    """The C-encoder fast path must produce exactly the exact writer's bytes."""
+    from virtsim.qmp.jsonstream import _dumps_exact, dumps
+
+    assert dumps(value) == _dumps_exact(value)

@@ -297,6 +297,20 @@ async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None) 
     return 0
 
 
+def _loop_runner() -> Any:
+    """uvloop when installed (a faster loop for the monitor traffic), else asyncio's own.
+
+    VIRTSIM_LOOP=asyncio forces the standard loop."""
+    if os.environ.get("VIRTSIM_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+
+            return uvloop.run
+        except ImportError:
+            pass
+    return asyncio.run
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("--version", "-version"):
@@ -309,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ready_fd = _daemonize() if proc["daemonize"] else None
     try:
-        return asyncio.run(_run(cfg, proc, ready_fd))
+        status: int = _loop_runner()(_run(cfg, proc, ready_fd))
+        return status
     except SimError as e:
         print(f"{PROG}: {e.desc}", file=sys.stderr)
         return 1

@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from ..sim import perm as P
-from ..sim.block import BlockBackend, BlockGraph, Node
 from ..sim.clock import Clock
 from ..sim.errors import SimError
 from ..sim.events import EventBus
-from . import schema
-from .commands import REGISTRY, load_all
+
+if TYPE_CHECKING:
+    from ..sim.block import BlockBackend, BlockGraph, Node
 
 DEBIAN_VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 22},
                   "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}
@@ -71,16 +73,13 @@ class Emulator:
         self.clock = clock or Clock()
         self.rng = random.Random(self.config.seed)
         self.bus = EventBus()
-        self.graph = BlockGraph(rng=self.rng)
-        self.graph.device_ids = self.device_ids
-        self.graph.warn = self._report
+        self._graph: BlockGraph | None = None
         self.run_state = "prelaunch" if self.config.start_paused else "running"
         self.devices: dict[str, BlockBackend] = {}
         self.servers: list[Any] = []
         self.quit_event = asyncio.Event() if _has_loop() else None
         self._quitting = False
         self.in_command = False
-        load_all()
         for opts in self.config.blockdevs:
             try:
                 self.graph.blockdev_add(self.check_blockdev_options(opts))
@@ -97,6 +96,17 @@ class Emulator:
             except SimError as e:
                 raise StartupError(f"-device {dev.props.get('_arg', '')}: {e.desc}") from None
 
+    @property
+    def graph(self) -> BlockGraph:
+        """The block graph, built on first use (keeps a bare emulator's start-up short)."""
+        if self._graph is None:
+            from ..sim.block import BlockGraph
+
+            self._graph = BlockGraph(rng=self.rng)
+            self._graph.device_ids = self.device_ids
+            self._graph.warn = self._report
+        return self._graph
+
     def _report(self, msg: str) -> None:
         """QEMU's error_report(): program name prefix, on stderr."""
         import sys
@@ -110,7 +120,11 @@ class Emulator:
         return self.config.version
 
     def command_names(self) -> list[str]:
-        return [n for n in schema.command_names() if n in REGISTRY] + ["qmp_capabilities"]
+        from . import schema
+        from .commands import load_all
+
+        registry = load_all()
+        return [n for n in schema.command_names() if n in registry] + ["qmp_capabilities"]
 
     def device_ids(self) -> set[str]:
         return set(self.devices)
@@ -141,6 +155,8 @@ class Emulator:
     # ----- block helpers ----------------------------------------------------------------
     def check_blockdev_options(self, opts: dict[str, Any]) -> dict[str, Any]:
         drv = opts.get("driver")
+        from . import schema
+
         unsupported: frozenset[str] = schema.UNSUPPORTED_DRIVERS
         if drv in unsupported:
             raise SimError(f"Driver '{drv}' is not supported by virtsim")
@@ -157,6 +173,8 @@ class Emulator:
         if self.graph.find_backend(did) is not None:
             raise SimError(f"Duplicate ID '{did}' for drive")
         ro = d.get("readonly", d.get("read-only", "off")) in ("on", "true")
+        from ..sim.block import BlockBackend
+
         fmt = d.get("format") or "raw"
         opts: dict[str, Any] = {"driver": fmt, "read-only": ro,
                                 "file": {"driver": "file", "filename": d["file"]}}
@@ -179,6 +197,8 @@ class Emulator:
             raise SimError(f"Duplicate device ID '{did}'")
         if dev.drive is None:
             raise SimError("drive property not set")
+        from ..sim.block import BlockBackend
+
         prop_owner = "virtio-blk-device" if dev.driver.startswith("virtio-blk") else dev.driver
         drive_blk = self.graph.find_backend(dev.drive)
         node = drive_blk.root if drive_blk is not None else self.graph.find_node(dev.drive)
@@ -272,7 +292,8 @@ class Emulator:
         for srv in self.servers:
             await srv.close()
         self.servers.clear()
-        self.graph.close_all()
+        if self._graph is not None:
+            self._graph.close_all()
 
     @property
     def qmp_address(self) -> str | tuple[str, int]:

@@ -668,11 +668,74 @@ def _number_str(value: int | float) -> str:
 _END: Final = object()
 
 
+class _Slow(Exception):
+    """The value needs the exact writer (floats, unusual strings, huge ints, deep nesting)."""
+
+
+_encode_fast = json.JSONEncoder(separators=(", ", ": "), ensure_ascii=True,
+                                check_circular=False).encode
+# a \u escape is one preceded by an even number of backslashes (an escaped backslash
+# followed by "u" is literal text and must stay as it is)
+_UPPER_U: Final = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9a-f]{4})")
+
+
+def _prepare(value: Any, depth: int = 0) -> Any:
+    """Reorder dicts into QDict order for the C encoder; raise _Slow where it would differ."""
+    t = type(value)
+    if t is str:
+        if value.isascii() and value.isprintable() or _plain_text(value):
+            return value
+        raise _Slow
+    if t is dict:
+        if depth > 64:
+            raise _Slow
+        out = {}
+        for k, v in qdict_order(value).items():
+            if type(k) is not str or not (k.isascii() and k.isprintable() or _plain_text(k)):
+                raise _Slow
+            out[k] = _prepare(v, depth + 1)
+        return out
+    if t is int:
+        if _I64_MIN <= value < _U64_END:
+            return value
+        raise _Slow
+    if t is bool or value is None:
+        return value
+    if t is list or t is tuple:
+        if depth > 64:
+            raise _Slow
+        return [_prepare(v, depth + 1) for v in value]
+    raise _Slow
+
+
+def _raise_slow() -> bool:
+    raise _Slow
+
+
+def _plain_text(text: str) -> bool:
+    """Strings the C encoder escapes exactly as QEMU does (after upper-casing \\u)."""
+    return "\x7f" not in text and not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
 def dumps(value: Any) -> str:
     """Serialise like QEMU's compact JSON writer; dict keys come out in QDict iteration order.
 
-    Iterative, so values nested up to QEMU's 1024 levels never hit Python's recursion limit.
+    Common replies go through the C encoder after a reordering walk; anything whose
+    bytes could differ from QEMU's (floats, DEL, lone surrogates, out-of-range integers,
+    deep nesting) takes the exact writer below.
     """
+    try:
+        text = _encode_fast(_prepare(value))
+    except _Slow:
+        return _dumps_exact(value)
+    if "\\u" in text:
+        text = _UPPER_U.sub(lambda m: m.group(1) + "\\u" + m.group(2).upper(), text)
+    return text
+
+
+def _dumps_exact(value: Any) -> str:
+    """The exact writer. Iterative, so values nested up to QEMU's 1024 levels never hit
+    Python's recursion limit."""
     out: list[str] = []
     append = out.append
     stack: list[tuple[Iterator[Any], bool]] = []

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from virtsim.qmp import schema
 from virtsim.qmp.jsonstream import JsonParseError, JsonStreamParser, dumps
 from virtsim.sim.errors import SimError
 from virtsim.sim.qdict import qdict_order
@@ -303,6 +302,8 @@ class QmpServerProtocol:
     def _qmp_capabilities(self, arguments: dict[str, Any]) -> None:
         """monitor/qmp-cmds-control.c: arguments are unmarshalled first, then the mode checked."""
         try:
+            from virtsim.qmp import schema  # lazily: not needed before the first request
+
             schema.validate("qmp_capabilities", arguments)
         except SimError as exc:
             raise _Answered(exc.error_class, exc.desc) from None

@@ -1,7 +1,9 @@
 """asyncio adapter: QMP monitors on unix or TCP sockets around the sans-I/O core.
 
 Like a QEMU chardev socket server, a monitor serves one client at a time; a second client
-connects but hears nothing (no greeting) until the first one leaves.
+connects but hears nothing (no greeting, no replies) until the first one leaves.  The
+adapter is a plain ``asyncio.Protocol``: bytes in go straight to the core, replies go
+straight to the transport, so a request costs one loop iteration.
 """
 
 from __future__ import annotations
@@ -10,17 +12,37 @@ import asyncio
 import contextlib
 import os
 import sys
+import traceback
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..sim.errors import SimError
-from . import schema
-from .commands import REGISTRY
-from .protocol import QmpServerProtocol
+from .protocol import QmpServerProtocol, Request
 
 if TYPE_CHECKING:
     from .emulator import Emulator, MonitorSpec
 
-READ_CHUNK = 65536
+
+_LAZY: dict[str, Any] = {}
+
+
+def _schema() -> Any:
+    """The schema module, imported on first use (it is the slowest import at start-up)."""
+    mod = _LAZY.get("schema")
+    if mod is None:
+        from . import schema as mod
+
+        _LAZY["schema"] = mod
+    return mod
+
+
+def _registry() -> dict[str, Any]:
+    reg = _LAZY.get("registry")
+    if reg is None:
+        from .commands import load_all
+
+        reg = _LAZY["registry"] = load_all()
+    return reg
 
 
 class MonitorServer:
@@ -31,109 +53,147 @@ class MonitorServer:
         self.spec = spec
         self.server: asyncio.AbstractServer | None = None
         self.address: str | tuple[str, int] = ""
-        self._session_lock = asyncio.Lock()
-        self._conns: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self.active: Session | None = None
+        self.waiting: deque[Session] = deque()
+        self.sessions: set[Session] = set()
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.spec.kind == "unix":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.spec.path)
-            self.server = await asyncio.start_unix_server(self._accept, path=self.spec.path)
-            os.chmod(self.spec.path, 0o600) if False else None  # QEMU leaves umask perms
+            self.server = await loop.create_unix_server(lambda: Session(self), self.spec.path)
             self.address = self.spec.path
         else:
-            self.server = await asyncio.start_server(self._accept, host=self.spec.host,
-                                                     port=self.spec.port)
+            self.server = await loop.create_server(lambda: Session(self), self.spec.host,
+                                                   self.spec.port)
             sock = self.server.sockets[0].getsockname()
             self.address = (sock[0], sock[1])
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for w in list(self._writers):
-                w.close()
-            for t in list(self._conns):
-                t.cancel()
-            for t in list(self._conns):
-                with contextlib.suppress(BaseException):
-                    await t
-            with contextlib.suppress(Exception):
-                await self.server.wait_closed()
-            self.server = None
-            if self.spec.kind == "unix":
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.spec.path)
+        if self.server is None:
+            return
+        self.server.close()
+        for sess in list(self.sessions):
+            sess.abort()
+        with contextlib.suppress(Exception):
+            await self.server.wait_closed()
+        self.server = None
+        if self.spec.kind == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spec.path)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
-        try:
-            async with self._session_lock:
-                self._writers.add(writer)
-                await Session(self.emu, reader, writer).run()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            self._conns.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
+    # one client at a time
+    def _arrived(self, sess: Session) -> None:
+        self.sessions.add(sess)
+        if self.active is None:
+            self._activate(sess)
+        else:
+            sess.pause()
+            self.waiting.append(sess)
+
+    def _left(self, sess: Session) -> None:
+        self.sessions.discard(sess)
+        if sess in self.waiting:
+            self.waiting.remove(sess)
+        if self.active is sess:
+            self.active = None
+            while self.waiting:
+                nxt = self.waiting.popleft()
+                if not nxt.lost:
+                    self._activate(nxt)
+                    break
+
+    def _activate(self, sess: Session) -> None:
+        self.active = sess
+        sess.begin()
 
 
-def _command_info(name: str) -> bool:
-    return name in REGISTRY and schema.has_command(name) or name == "qmp_capabilities"
-
-
-class Session:
+class Session(asyncio.Protocol):
     """One connected QMP client."""
 
-    def __init__(self, emu: Emulator, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
-        self.emu = emu
-        self.reader = reader
-        self.writer = writer
-        self.core = QmpServerProtocol(
-            emu.version_info(),
-            has_command=_command_info,
-            allows_oob=lambda n: schema.allows_oob(n) if schema.has_command(n) else False)
+    def __init__(self, monitor: MonitorServer) -> None:
+        self.monitor = monitor
+        self.emu: Emulator = monitor.emu
+        self.transport: asyncio.Transport | None = None
+        self.core: QmpServerProtocol | None = None
+        self.lost = False
+        self._unsubscribe: Any = None
+        self._held: list[bytes] = []
 
-    def _on_event(self, name: str, data: dict[str, Any] | None) -> None:
-        self.core.send_event(name, data, self.emu.clock.wall())
-        self._flush()
+    # ----- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.monitor._arrived(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.core is None:
+            self._held.append(data)  # waiting for the monitor to be free
+            return
+        self._feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self.monitor._left(self)
+
+    # ----- session control -------------------------------------------------------------
+    def pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def begin(self) -> None:
+        # the schema and the command table load on the first request, not before the
+        # greeting: a client connecting to a fresh process hears from it sooner
+        self.core = QmpServerProtocol(
+            self.emu.version_info(),
+            has_command=lambda n: n in _registry() and _schema().has_command(n),
+            allows_oob=lambda n: _schema().has_command(n) and _schema().allows_oob(n))
+        self._write(self.core.greeting())
+        self._unsubscribe = self.emu.bus.subscribe(self._on_event)
+        if self.transport is not None:
+            self.transport.resume_reading()
+        held, self._held = self._held, []
+        for chunk in held:
+            self._feed(chunk)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # ----- traffic ------------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def _flush(self) -> None:
-        out = self.core.data_to_send()
-        if out and not self.writer.is_closing():
-            self.writer.write(out)
+        if self.core is not None:
+            self._write(self.core.data_to_send())
 
-    async def run(self) -> None:
-        self.writer.write(self.core.greeting())
-        unsubscribe = self.emu.bus.subscribe(self._on_event)
-        try:
-            while True:
-                data = await self.reader.read(READ_CHUNK)
-                if not data:
-                    break
-                for req in self.core.receive_data(data):
-                    self.dispatch(req)
-                    if self.emu.quitting:
-                        break
-                self._flush()
-                await self.writer.drain()
-                if self.emu.quitting:
-                    self.emu.finish_quit()
-                    break
-        finally:
-            unsubscribe()
+    def _on_event(self, name: str, data: dict[str, Any] | None) -> None:
+        if self.core is not None:
+            self.core.send_event(name, data, self.emu.clock.wall())
+            self._flush()
 
-    def dispatch(self, req: Any) -> None:
-        handler = REGISTRY.get(req.name)
+    def _feed(self, data: bytes) -> None:
+        assert self.core is not None
+        for req in self.core.receive_data(data):
+            self.dispatch(req)
+            if self.emu.quitting:
+                break
+        self._flush()
+        if self.emu.quitting:
+            self.emu.finish_quit()
+
+    def dispatch(self, req: Request) -> None:
+        assert self.core is not None
+        handler = _registry().get(req.name)
         try:
             if handler is None:
                 raise SimError(f"The command {req.name} has not been found", "CommandNotFound")
-            args = schema.validate(req.name, req.arguments)
+            args = _schema().validate(req.name, req.arguments)
             self.emu.in_command = True
             try:
                 value = handler(self.emu, args)
@@ -143,10 +203,7 @@ class Session:
             self.core.send_error(req, e.error_class, e.desc)
         except Exception as e:  # a bug in virtsim: say so in QEMU's terms, keep serving
             print(f"virtsim: internal error in {req.name}: {e!r}", file=sys.stderr)
-            import traceback
-
             traceback.print_exc()
             self.core.send_error(req, "GenericError", f"virtsim internal error: {e}")
         else:
             self.core.send_return(req, value)
-        self._flush()

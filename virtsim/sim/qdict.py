@@ -29,10 +29,17 @@ def qdict_order(d: dict[str, Any]) -> dict[str, Any]:
     ``d``'s own order is taken as the insertion order (QAPI output visitors insert
     members in schema order).
     """
-    items = list(d.items())
-    # stable sort on (bucket, -insertion index): same bucket -> newest first
-    idx = sorted(range(len(items)), key=lambda i: (bucket(items[i][0]), -i))
-    return {items[i][0]: items[i][1] for i in idx}
+    keys = tuple(d)
+    order = _ORDERS.get(keys)
+    if order is None:
+        # stable sort on (bucket, -insertion index): same bucket -> newest first
+        order = tuple(sorted(keys, key=lambda k: (bucket(k), -keys.index(k))))
+        if len(_ORDERS) < 4096:
+            _ORDERS[keys] = order
+    return {k: d[k] for k in order}
+
+
+_ORDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 def qdict_order_deep(value: Any) -> Any:

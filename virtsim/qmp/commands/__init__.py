@@ -29,6 +29,8 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 def load_all() -> dict[str, Handler]:
     """Import every command module (registration happens at import)."""
-    from . import bitmap, block, hmp, misc, transaction  # noqa: F401
+    import importlib
 
+    for mod in ("bitmap", "block", "hmp", "misc", "transaction"):
+        importlib.import_module(f"{__name__}.{mod}")
     return REGISTRY
