@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	# the venv sees Debian's python3-libnbd (module `nbd`), as real pull-mode clients do
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,dev]'
+	# compat editable mode: a plain path entry, no import hook (saves ~10 ms per start)
+	$(VENV)/bin/pip install -q -e '.[test,dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: setup

@@ -12,9 +12,7 @@ import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..sim import perm as P
 from ..sim.clock import Clock
