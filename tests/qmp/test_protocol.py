@@ -603,3 +603,16 @@ def test_differential_random_inputs(real_qemu: str) -> None:
         if TIMESTAMP.sub(b"TS", got) != TIMESTAMP.sub(b"TS", expected):
             failures.append(f"caps={caps!r} input={data!r}\nqemu: {expected!r}\nsim:  {got!r}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_cli_early_greeting_matches_core() -> None:
+    """virtsim-qemu greets before the core is imported; both must give the same bytes."""
+    from virtsim.qmp.cli import greeting_bytes
+    from virtsim.qmp.config import DEBIAN_VERSION
+
+    for version in (DEBIAN_VERSION,
+                    {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "v7.2.0"},
+                    {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}):
+        assert greeting_bytes(version) == QmpServerProtocol(version).greeting()
+    assert greeting_bytes({"qemu": {"major": 7, "minor": 2, "micro": 0},
+                           "package": 'q"uote'}) is None

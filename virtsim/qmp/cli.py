@@ -8,15 +8,17 @@ RTC...) are accepted and ignored; anything else is refused by name.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import signal
 import sys
-from typing import Any
+TYPE_CHECKING = False  # typing costs ~8 ms to import; virtsim-qemu starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 from ..sim.errors import SimError
-from .emulator import DeviceSpec, Emulator, EmulatorConfig, MonitorSpec, StartupError
+from .config import DeviceSpec, EmulatorConfig, MonitorSpec
+
+if TYPE_CHECKING:
+    import socket
 
 PROG = "qemu-system-x86_64"
 
@@ -83,6 +85,8 @@ def _keyval_value(key: str, v: str) -> Any:
 def parse_blockdev(arg: str) -> dict[str, Any]:
     """-blockdev as JSON (``{...}``) or dotted keyval (``driver=qcow2,file.filename=x``)."""
     if arg.lstrip().startswith("{"):
+        import json
+
         try:
             value = json.loads(arg)
         except ValueError as e:
@@ -258,11 +262,19 @@ def _daemonize() -> int:
     return wfd
 
 
-async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None) -> int:
+async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None,
+               greeter: EarlyGreeter | None = None) -> int:
+    import asyncio
+    import signal
+
+    from .emulator import Emulator, StartupError
+
     try:
         emu = Emulator(cfg)
+        if greeter is not None:
+            greeter.stop()
         await emu.start()
-    except (SimError, StartupError) as e:
+    except (SimError, StartupError, OSError) as e:
         print(f"{PROG}: {getattr(e, 'desc', e)}", file=sys.stderr)
         if ready_fd is not None:
             os.write(ready_fd, b"\1")
@@ -297,6 +309,90 @@ async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None) 
     return 0
 
 
+def greeting_bytes(version: dict[str, Any]) -> bytes | None:
+    """QEMU's greeting, formatted without importing the JSON machinery (None if the package
+    string would need escaping: the full writer then produces it)."""
+    q = version["qemu"]
+    pkg = str(version["package"])
+    if not (pkg.isascii() and pkg.isprintable()) or '"' in pkg or "\\" in pkg:
+        return None
+    return (f'{{"QMP": {{"version": {{"qemu": {{"micro": {int(q["micro"])}, "minor": '
+            f'{int(q["minor"])}, "major": {int(q["major"])}}}, "package": "{pkg}"}}, '
+            f'"capabilities": ["oob"]}}}}\r\n').encode("ascii")
+
+
+def _listen(spec: MonitorSpec) -> socket.socket:
+    import socket
+
+    if spec.kind == "unix":
+        try:
+            os.unlink(spec.path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(spec.path)
+        except OSError as e:
+            sock.close()
+            raise UsageError(f"-qmp unix:{spec.path}: Failed to bind socket to {spec.path}: "
+                             f"{e.strerror}") from None
+    else:
+        try:
+            sock = socket.create_server((spec.host, spec.port))
+        except OSError as e:
+            raise UsageError(f"-qmp tcp:{spec.host}:{spec.port}: Failed to bind socket: "
+                             f"{e.strerror}") from None
+    sock.listen(16)
+    return sock
+
+
+class EarlyGreeter:
+    """Bind the monitors and greet the first client of each while the rest of the
+    emulator is still being imported (Python's start-up is the slow part of a launch).
+
+    Used only when nothing on the command line can still fail after the greeting (no
+    -blockdev/-drive/-device): QEMU never greets and then exits with a start-up error, so
+    neither may we.  Anything the client sends meanwhile waits in the socket.
+    """
+
+    def __init__(self, specs: list[MonitorSpec], greeting: bytes) -> None:
+        import threading
+
+        self.specs = specs
+        self.greeting = greeting
+        for spec in specs:
+            spec.sock = _listen(spec)
+        self._rfd, self._wfd = os.pipe()
+        self.thread = threading.Thread(target=self._serve, name="virtsim-greeter",
+                                       daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import select
+
+        pending = {spec.sock.fileno(): spec for spec in self.specs if spec.sock is not None}
+        while pending:
+            ready, _, _ = select.select([*pending, self._rfd], [], [])
+            if self._rfd in ready:
+                return
+            for fd in ready:
+                spec = pending.pop(fd)
+                assert spec.sock is not None
+                conn, _ = spec.sock.accept()
+                try:
+                    conn.sendall(self.greeting)
+                except OSError:
+                    conn.close()
+                    continue
+                spec.accepted = conn
+
+    def stop(self) -> None:
+        os.write(self._wfd, b"x")
+        self.thread.join()
+        os.close(self._rfd)
+        os.close(self._wfd)
+
+
 def _loop_runner() -> Any:
     """uvloop when installed (a faster loop for the monitor traffic), else asyncio's own.
 
@@ -308,6 +404,8 @@ def _loop_runner() -> Any:
             return uvloop.run
         except ImportError:
             pass
+    import asyncio
+
     return asyncio.run
 
 
@@ -322,8 +420,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     ready_fd = _daemonize() if proc["daemonize"] else None
+    greeter = None
+    if (cfg.monitors and not (cfg.blockdevs or cfg.drives or cfg.devices)
+            and os.environ.get("VIRTSIM_EARLY_GREETING", "1") != "0"):
+        greeting = greeting_bytes(cfg.version)
+        if greeting is not None:
+            try:
+                greeter = EarlyGreeter(cfg.monitors, greeting)
+            except UsageError as e:
+                print(f"{PROG}: {e}", file=sys.stderr)
+                return 1
     try:
-        status: int = _loop_runner()(_run(cfg, proc, ready_fd))
+        status: int = _loop_runner()(_run(cfg, proc, ready_fd, greeter))
         return status
     except SimError as e:
         print(f"{PROG}: {e.desc}", file=sys.stderr)

@@ -11,52 +11,19 @@ import contextlib
 import os
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..sim import perm as P
 from ..sim.clock import Clock
 from ..sim.errors import SimError
 from ..sim.events import EventBus
+from .config import DEBIAN_VERSION, DeviceSpec, EmulatorConfig, MonitorSpec
 
 if TYPE_CHECKING:
     from ..sim.block import BlockBackend, BlockGraph, Node
 
-DEBIAN_VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 22},
-                  "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}
-
-
-@dataclass
-class MonitorSpec:
-    """Where a QMP monitor listens: ``unix`` (path) or ``tcp`` (host, port)."""
-
-    kind: str
-    path: str = ""
-    host: str = "127.0.0.1"
-    port: int = 0
-    pretty: bool = False
-
-
-@dataclass
-class DeviceSpec:
-    driver: str
-    id: str | None
-    drive: str | None
-    props: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class EmulatorConfig:
-    name: str | None = None
-    machine: str = "none"
-    start_paused: bool = False
-    version: dict[str, Any] = field(default_factory=lambda: dict(DEBIAN_VERSION))
-    monitors: list[MonitorSpec] = field(default_factory=list)
-    blockdevs: list[dict[str, Any]] = field(default_factory=list)
-    drives: list[dict[str, str]] = field(default_factory=list)
-    devices: list[DeviceSpec] = field(default_factory=list)
-    seed: int | None = None
-    echo_qemu_io: bool = True   # print qemu-io output on stdout, as QEMU does
+__all__ = ["DEBIAN_VERSION", "DeviceSpec", "Emulator", "EmulatorConfig", "MonitorSpec",
+           "StartupError", "embedded"]
 
 
 class StartupError(Exception):

@@ -59,6 +59,20 @@ class MonitorServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.spec.sock is not None:
+            # a socket the CLI already bound (and maybe a client it already greeted)
+            sock, self.spec.sock = self.spec.sock, None
+            if self.spec.kind == "unix":
+                self.server = await loop.create_unix_server(lambda: Session(self), sock=sock)
+                self.address = self.spec.path
+            else:
+                self.server = await loop.create_server(lambda: Session(self), sock=sock)
+                name = sock.getsockname()
+                self.address = (name[0], name[1])
+            conn, self.spec.accepted = self.spec.accepted, None
+            if conn is not None:
+                await loop.connect_accepted_socket(lambda: Session(self, greeted=True), conn)
+            return
         if self.spec.kind == "unix":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.spec.path)
@@ -112,8 +126,9 @@ class MonitorServer:
 class Session(asyncio.Protocol):
     """One connected QMP client."""
 
-    def __init__(self, monitor: MonitorServer) -> None:
+    def __init__(self, monitor: MonitorServer, greeted: bool = False) -> None:
         self.monitor = monitor
+        self.greeted = greeted
         self.emu: Emulator = monitor.emu
         self.transport: asyncio.Transport | None = None
         self.core: QmpServerProtocol | None = None
@@ -151,7 +166,8 @@ class Session(asyncio.Protocol):
             self.emu.version_info(),
             has_command=lambda n: n in _registry() and _schema().has_command(n),
             allows_oob=lambda n: _schema().has_command(n) and _schema().allows_oob(n))
-        self._write(self.core.greeting())
+        if not self.greeted:
+            self._write(self.core.greeting())
         self._unsubscribe = self.emu.bus.subscribe(self._on_event)
         if self.transport is not None:
             self.transport.resume_reading()
