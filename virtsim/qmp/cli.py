@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+
 TYPE_CHECKING = False  # typing costs ~8 ms to import; virtsim-qemu starts without it
 if TYPE_CHECKING:
     from typing import Any
