@@ -11,15 +11,13 @@ from __future__ import annotations
 import os
 import sys
 
-TYPE_CHECKING = False  # typing costs ~8 ms to import; virtsim-qemu starts without it
-if TYPE_CHECKING:
-    from typing import Any
-
 from ..sim.errors import SimError
 from .config import DeviceSpec, EmulatorConfig, MonitorSpec
 
+TYPE_CHECKING = False  # typing costs ~8 ms to import; virtsim-qemu starts without it
 if TYPE_CHECKING:
     import socket
+    from typing import Any
 
 PROG = "qemu-system-x86_64"
 
