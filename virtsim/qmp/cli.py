@@ -238,6 +238,18 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
             proc["pidfile"] = need()
         elif opt == "x-virtsim-seed":
             cfg.seed = int(need())
+        elif opt == "x-virtsim-version":
+            # what query-version and the greeting report: MAJOR.MINOR.MICRO[,package=TEXT]
+            val = need()
+            kv = split_opts(val)
+            try:
+                major, minor, micro = (int(x) for x in kv[0][0].split("."))
+            except ValueError:
+                raise UsageError(f"-x-virtsim-version {val}: expected MAJOR.MINOR.MICRO"
+                                 ) from None
+            package = dict(kv[1:]).get("package") or ""
+            cfg.version = {"qemu": {"major": major, "minor": minor, "micro": micro},
+                           "package": package}
         elif opt in _IGNORED_FLAGS:
             pass
         elif opt in _IGNORED_WITH_ARG:
