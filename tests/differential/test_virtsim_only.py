@@ -1,7 +1,7 @@
 """Cases that cannot be differential because real QEMU 7.2 crashes on them.
 
 Each was observed to kill qemu-system-x86_64 7.2.22 (Debian 12); virtsim must answer with
-an error instead and keep serving. The exact texts are the lead's call (TODOs below);
+an error instead and keep serving. The texts are QEMU's where it has one, else virtsim's own;
 these tests pin the class and that the emulator survives.
 """
 
@@ -53,8 +53,7 @@ def _assert_survived(t: Transcript) -> None:
 
 
 def test_merge_empty_bitmaps_list(backend_name: str) -> None:
-    # QEMU 7.2: SIGSEGV (spec §2 "merge"). TODO(lead): exact text, e.g.
-    # "Parameter 'bitmaps' must not be empty" -- not a QEMU text, QEMU has none.
+    # QEMU 7.2: SIGSEGV (spec §2 "merge"); QEMU has no text for it, this one is virtsim's.
     t = _run(
         backend_name,
         "merge with bitmaps: []",
@@ -62,6 +61,9 @@ def test_merge_empty_bitmaps_list(backend_name: str) -> None:
         '"target": "b", "bitmaps": []}, "id": "m"}',
     )
     assert _error_class(t, "m") == "GenericError"
+    assert t.reply("m")["error"]["desc"] == (  # type: ignore[index]
+        "Parameter 'bitmaps' must contain at least one bitmap "
+        "(an empty list crashes QEMU 7.2)")
     _assert_survived(t)
 
 
@@ -98,8 +100,8 @@ def test_transaction_enable_grouped(backend_name: str) -> None:
 
 
 def test_null_co_negative_size(backend_name: str) -> None:
-    # QEMU 7.2: abort() in parse_option_size ("Unexpected error ... Parameter 'size' expects
-    # a non-negative number below 2^64"). TODO(lead): exact text.
+    # QEMU 7.2: abort() in parse_option_size after composing "Parameter 'size' expects a
+    # non-negative number below 2^64"; virtsim reports that very text instead of aborting.
     t = _run(
         backend_name,
         "null-co with size -1",
@@ -107,4 +109,6 @@ def test_null_co_negative_size(backend_name: str) -> None:
         '"node-name": "neg", "size": -1}, "id": "s"}',
     )
     assert _error_class(t, "s") == "GenericError"
+    assert t.reply("s")["error"]["desc"] == (  # type: ignore[index]
+        "Parameter 'size' expects a non-negative number below 2^64")
     _assert_survived(t)

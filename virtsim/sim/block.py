@@ -406,7 +406,7 @@ class NullNode(Node):
         size = int(options.get("size", 1 << 30))
         if size < 0:
             # QEMU 7.2 aborts on this (assertion in the block layer); refuse it instead.
-            raise SimError(f"Invalid size {size} for {self.drv}: must not be negative")
+            raise SimError("Parameter 'size' expects a non-negative number below 2^64")
         self.size = round_up_sector(size)
         self.read_zeroes = bool(options.get("read-zeroes", False))
 
