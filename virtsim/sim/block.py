@@ -85,6 +85,10 @@ class Node:
         self.before_write: list[WriteHook] = []
         self.op_blockers: list[str] = []
 
+    def opened(self) -> None:
+        """Called once the node is named and its children are attached."""
+        return None
+
     # ----- identity -------------------------------------------------------------------
     def describe(self) -> str:
         return f"node '{self.node_name}'"
@@ -949,49 +953,38 @@ class BlockGraph:
         return node
 
     def _open_driver(self, driver: str, options: dict[str, Any], created: list[Node]) -> Node:
+        """QEMU's bdrv_open order: children that hold the data first, then the node name
+        checks, then the driver's own open, then (for COW formats) the backing chain."""
+        spec = DRIVERS.get(driver)
+        if spec is None:
+            raise SimError(f"Unknown driver '{driver}'")
         ro = bool(options.get("read-only", False))
         name = options.get("node-name")
-        node: Node
-        if driver == "file":
-            node = FileNode(self, options)
-            self._register_or_close(node, name)
-            return node
-        if driver in ("null-co", "null-aio"):
-            node = NullNode(self, options)
-            self._register_or_close(node, name)
-            return node
-        if driver in ("raw", "qcow2"):
-            if "file" not in options:
-                raise SimError("A block device must be specified for \"file\"")
-            file = self._open_child(options["file"], ro, "file", created, parent_opts=options)
-            if name is not None:
-                self.check_node_name(name)
-            if driver == "raw":
-                node = RawNode(self, options, file)
-            else:
-                node = self._open_qcow2(options, file)
-            self._register(node, name)
-            try:
-                nperm, nshared = node.child_perms("file", 0, P.ALL)
-                self.attach(node, file, "file", nperm, nshared)
-                if driver == "qcow2":
-                    self._open_backing(node, options, created)
-            except BaseException:
-                for e in list(node.children.values()):
-                    self.detach(e)
-                self._unregister(node)
-                node.close()
-                raise
-            return node
-        raise SimError(f"Unknown driver '{driver}'")
-
-    def _open_qcow2(self, options: dict[str, Any], file: Node) -> Node:
-        from .errors import ImageError
-
+        children: dict[str, Node] = {}
+        for role in spec.children:
+            if role not in options:
+                raise SimError(f"A block device must be specified for \"{role}\"")
+            children[role] = self._open_child(options[role], ro, role, created,
+                                              parent_opts=options)
+        if name is not None:
+            self.check_node_name(name)
+        node = spec.factory(self, options, children)
+        self._register(node, name)
         try:
-            return Qcow2Node(self, options, file)
-        except ImageError as e:
-            raise SimError(str(e)) from None
+            for role, child in children.items():
+                nperm, nshared = node.child_perms(role, 0, P.ALL)
+                self.attach(node, child, role, nperm, nshared)
+            if spec.backing:
+                self._open_backing(node, options, created)
+            node.opened()
+        except BaseException:
+            for e in list(node.children.values()):
+                self.detach(e)
+            self._unregister(node)
+            node.close()
+            raise
+        return node
+
 
     def _open_backing(self, node: Node, options: dict[str, Any], created: list[Node]) -> None:
         ref = options.get("backing", "__default__")
@@ -1014,12 +1007,6 @@ class BlockGraph:
             node.backing_attached()
         bnode.op_blockers.append(f"node is used as backing hd of '{node.node_name}'")
 
-    def _register_or_close(self, node: Node, name: str | None) -> None:
-        try:
-            self._register(node, name)
-        except BaseException:
-            node.close()
-            raise
 
     def _destroy(self, node: Node) -> None:
         """Close a node, then drop its children that nobody else holds (QEMU's order:
@@ -1085,6 +1072,41 @@ class BlockGraph:
                 self._destroy(node)
         for node in reversed(list(self.nodes)):
             self._destroy(node)
+
+
+class DriverSpec:
+    """How to open one ``driver``: which children to open first, whether it has a backing
+    chain, and the factory building the node once they exist."""
+
+    def __init__(self, factory: Callable[[BlockGraph, dict[str, Any], dict[str, Node]], Node],
+                 children: tuple[str, ...] = (), backing: bool = False) -> None:
+        self.factory = factory
+        self.children = children
+        self.backing = backing
+
+
+DRIVERS: dict[str, DriverSpec] = {}
+
+
+def register_driver(name: str, spec: DriverSpec) -> None:
+    """Make ``blockdev-add`` know ``driver: name`` (drivers register at import)."""
+    DRIVERS[name] = spec
+
+
+def _open_qcow2(graph: BlockGraph, options: dict[str, Any], ch: dict[str, Node]) -> Node:
+    from .errors import ImageError
+
+    try:
+        return Qcow2Node(graph, options, ch["file"])
+    except ImageError as e:
+        raise SimError(str(e)) from None
+
+
+register_driver("file", DriverSpec(lambda g, o, c: FileNode(g, o)))
+register_driver("null-co", DriverSpec(lambda g, o, c: NullNode(g, o)))
+register_driver("null-aio", DriverSpec(lambda g, o, c: NullNode(g, o)))
+register_driver("raw", DriverSpec(lambda g, o, c: RawNode(g, o, c["file"]), ("file",)))
+register_driver("qcow2", DriverSpec(_open_qcow2, ("file",), backing=True))
 
 
 __all__ = ["BlockGraph", "BlockBackend", "Node", "Edge", "DirtyBitmap", "id_wellformed"]
