@@ -225,9 +225,8 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
             kv = split_opts(val)
             driver = kv[0][0] if kv[0][1] is None else (dict(kv).get("driver") or "")
             props = {k: (v or "") for k, v in kv[1:]}
-            # controllers have nothing to simulate: accepted, not modelled
-            if driver not in ("virtio-scsi-pci", "virtio-scsi", "piix3-ide", "ich9-ahci",
-                              "virtio-serial-pci", "virtio-serial", "virtserialport",
+            # devices with nothing to simulate: accepted, not modelled
+            if driver not in ("virtio-serial-pci", "virtio-serial", "virtserialport",
                               "pcie-root-port", "virtio-balloon-pci"):
                 props["_arg"] = val
                 cfg.devices.append(DeviceSpec(driver, props.get("id"), props.get("drive"),

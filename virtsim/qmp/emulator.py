@@ -41,6 +41,10 @@ class Emulator:
         self._graph: BlockGraph | None = None
         self.run_state = "prelaunch" if self.config.start_paused else "running"
         self.devices: dict[str, BlockBackend] = {}
+        self.device_paths: dict[str, str] = {}          # device id -> QOM path
+        self.blk_by_path: dict[str, BlockBackend] = {}  # QOM path of a disk's backend owner
+        self.buses: dict[str, str] = self._machine_buses()  # bus name -> PCI/IDE/SCSI
+        self._anon_devices = 0
         self.servers: list[Any] = []
         self.quit_event = asyncio.Event() if _has_loop() else None
         self._quitting = False
@@ -92,7 +96,7 @@ class Emulator:
         return [n for n in schema.command_names() if n in registry] + ["qmp_capabilities"]
 
     def device_ids(self) -> set[str]:
-        return set(self.devices)
+        return set(self.device_paths)
 
     # ----- run state ------------------------------------------------------------------
     def cont_vm(self) -> None:
@@ -152,25 +156,67 @@ class Emulator:
         blk.removable = True
         self.graph.add_backend(blk, node, 0, P.ALL)
 
+    # guest-visible buses: what a disk device can plug into
+    _CONTROLLERS = {"virtio-scsi-pci": "SCSI", "virtio-scsi": "SCSI", "ich9-ahci": "IDE",
+                    "piix3-ide": "IDE"}
+    _DISKS = {"virtio-blk-pci": "PCI", "virtio-blk": "PCI", "scsi-hd": "SCSI",
+              "ide-hd": "IDE"}
+
+    def _machine_buses(self) -> dict[str, str]:
+        if self.config.machine == "pc":
+            return {"pci.0": "PCI", "ide.0": "IDE", "ide.1": "IDE"}
+        if self.config.machine == "q35":
+            return {"pcie.0": "PCI", **{f"ide.{i}": "IDE" for i in range(6)}}
+        return {}
+
+    def _new_path(self, did: str | None) -> str:
+        if did:
+            return f"/machine/peripheral/{did}"
+        n = self._anon_devices
+        self._anon_devices += 1
+        return f"/machine/peripheral-anon/device[{n}]"
+
     def add_device(self, dev: DeviceSpec) -> None:
-        if dev.driver not in ("virtio-blk-pci", "virtio-blk", "scsi-hd", "ide-hd"):
-            raise SimError(f"'{dev.driver}' is not a valid device model name")
-        if self.config.machine == "none":
-            raise SimError(f"No '{_bus_for(dev.driver)}' bus found for device '{dev.driver}'")
-        did = dev.id
-        if did is not None and did in self.devices:
-            raise SimError(f"Duplicate device ID '{did}'")
-        if dev.drive is None:
-            raise SimError("drive property not set")
+        """``-device``/``device_add`` for disks (a simulated guest disk is a BlockBackend
+        attached to a device) and for the controllers that give them a bus."""
         from ..sim.block import BlockBackend
 
-        prop_owner = "virtio-blk-device" if dev.driver.startswith("virtio-blk") else dev.driver
+        kind = self._CONTROLLERS.get(dev.driver) or self._DISKS.get(dev.driver)
+        if kind is None:
+            raise SimError(f"'{dev.driver}' is not a valid device model name")
+        need = "PCI" if dev.driver in self._CONTROLLERS else kind
+        bus = dev.props.get("bus")
+        if bus is not None:
+            if self.buses.get(bus) is None:
+                raise SimError(f"Bus '{bus}' not found")
+        elif need not in self.buses.values():
+            raise SimError(f"No '{need}' bus found for device '{dev.driver}'")
+        did = dev.id
+        if did is not None and did in self.device_paths:
+            raise SimError(f"Duplicate ID '{did}' for device")
+        if dev.driver in self._CONTROLLERS:
+            path = self._new_path(did)
+            if did is not None:
+                self.device_paths[did] = path
+            if kind == "SCSI":
+                self.buses[f"{did or 'scsi'}.0"] = "SCSI"
+            else:
+                for i in range(6):
+                    self.buses[f"{did or 'ide'}.{i}"] = "IDE"
+            return
+        if dev.drive is None:
+            raise SimError("drive property not set")
+        virtio = dev.driver.startswith("virtio-blk")
+        prop_owner = "virtio-blk-device" if virtio else dev.driver
         drive_blk = self.graph.find_backend(dev.drive)
         node = drive_blk.root if drive_blk is not None else self.graph.find_node(dev.drive)
         if node is None:
             raise SimError(f"Property '{prop_owner}.drive' can't find value '{dev.drive}'")
-        path = f"/machine/peripheral/{did}" if did else "/machine/peripheral-anon/device[0]"
-        qdev = path + "/virtio-backend" if dev.driver.startswith("virtio-blk") else path
+        path = self._new_path(did)
+        # the BlockBackend's device: virtio-blk-pci's inner virtio-blk-device (no id, so it
+        # goes by its QOM path), or the scsi-hd/ide-hd device itself (by id if it has one)
+        blk_path = path + "/virtio-backend" if virtio else path
+        qdev = blk_path if virtio or not did else did
         ro = node.read_only
         perm = P.CONSISTENT_READ | (0 if ro else P.WRITE)
         shared = P.CONSISTENT_READ | P.WRITE_UNCHANGED | P.RESIZE
@@ -193,31 +239,40 @@ class Emulator:
             blk = BlockBackend(self.graph, "", qdev, read_only=ro)
             blk.has_device = True
             self.graph.add_backend(blk, node, perm, shared)
-        self.devices[did or qdev] = blk
+        if did is not None:
+            self.device_paths[did] = path
+        self.devices[did or path] = blk
+        self.blk_by_path[blk_path] = blk
 
     def del_device(self, did: str) -> None:
-        blk = self.devices.get(did)
-        if blk is None:
+        path = self.device_paths.get(did)
+        if path is None:
             raise SimError(f"Device '{did}' not found")
-        del self.devices[did]
-        if blk.name:
-            blk.qdev = None
-            blk.has_device = False
-            blk.removable = True
-        else:
-            self.graph.remove_backend(blk)
-        self.bus.emit("DEVICE_DELETED", {"device": did, "path": f"/machine/peripheral/{did}"})
+        del self.device_paths[did]
+        blk = self.devices.pop(did, None)
+        if blk is not None:
+            for p in [p for p, b in self.blk_by_path.items() if b is blk]:
+                del self.blk_by_path[p]
+            if blk.name:
+                blk.qdev = None
+                blk.has_device = False
+                blk.removable = True
+            else:
+                self.graph.remove_backend(blk)
+        self.bus.emit("DEVICE_DELETED", {"device": did, "path": path})
 
-    def resolve_qdev(self, path: str) -> BlockBackend:
-        blk = self.graph.find_backend_by_qdev(path)
+    def resolve_qdev(self, ident: str) -> BlockBackend:
+        """QEMU's blk_by_qdev_id: a device id or QOM path, then the device's backend."""
+        path = self.device_paths.get(ident, ident)
+        blk = self.blk_by_path.get(path)
         if blk is not None:
             return blk
-        dev = path
-        if dev.startswith("/machine/peripheral/"):
-            dev = dev[len("/machine/peripheral/"):]
-        if dev in self.devices:
+        known = set(self.device_paths.values())
+        if path in known or any(p.startswith(path + "/") for p in self.blk_by_path):
             raise SimError("Device does not have a block device backend")
-        raise SimError(f"Device '{path}' not found")
+        if path in ("/machine", "/machine/peripheral", "/machine/peripheral-anon"):
+            raise SimError(f"{path} is not a hotpluggable device")
+        raise SimError(f"Device '{ident}' not found")
 
     def node_for_io(self, device: str, qdev: bool) -> tuple[Node, BlockBackend | None]:
         if qdev:
@@ -264,10 +319,6 @@ class Emulator:
     def qmp_address(self) -> str | tuple[str, int]:
         srv = self.servers[0]
         return srv.address  # type: ignore[no-any-return]
-
-
-def _bus_for(driver: str) -> str:
-    return {"scsi-hd": "SCSI", "ide-hd": "IDE"}.get(driver, "PCI")
 
 
 def _has_loop() -> bool:
