@@ -538,10 +538,7 @@ def test_daemonize_pidfile(runner: Runner, binary: str) -> None:
     assert not os.path.exists(sock)
 
 
-@pytest.mark.parametrize("binary", both(
-    "virtsim does not lock the pidfile: a second -daemonize -pidfile F starts (exit 0) and "
-    "overwrites F; QEMU exits 1 with 'qemu-system-x86_64: cannot create PID file: Cannot "
-    "lock pid file: Resource temporarily unavailable'"))
+@pytest.mark.parametrize("binary", both())
 def test_daemonize_pidfile_is_locked(runner: Runner, binary: str) -> None:
     sock, pidfile = runner.path("qmp.sock"), runner.path("emu.pid")
     assert runner.start(binary, *_daemon_args(sock, pidfile)).wait(5) == 0
@@ -556,9 +553,7 @@ def test_daemonize_pidfile_is_locked(runner: Runner, binary: str) -> None:
     wait_daemon(pid)
 
 
-@pytest.mark.parametrize("binary", both(
-    "virtsim writes the pidfile with mode 0644 (umask 022 applied to 0666); QEMU creates it "
-    "with mode 0600 (qemu_write_pidfile: S_IRUSR | S_IWUSR)"))
+@pytest.mark.parametrize("binary", both())
 def test_daemonize_pidfile_mode(runner: Runner, binary: str) -> None:
     sock, pidfile = runner.path("qmp.sock"), runner.path("emu.pid")
     old = os.umask(0o022)
@@ -572,10 +567,7 @@ def test_daemonize_pidfile_mode(runner: Runner, binary: str) -> None:
     wait_daemon(pid)
 
 
-@pytest.mark.parametrize("binary", both(
-    "virtsim's daemon keeps the launcher's working directory and umask; QEMU's daemon does "
-    "chdir('/') and umask(027), so a relative blockdev-add filename fails there with "
-    "\"Could not open 'disk.img': No such file or directory\" (virtsim opens ./disk.img)"))
+@pytest.mark.parametrize("binary", both())
 def test_daemonize_cwd_is_root(runner: Runner, binary: str) -> None:
     sock, pidfile = runner.path("qmp.sock"), runner.path("emu.pid")
     (runner.dir / "disk.img").write_bytes(b"")
@@ -632,12 +624,7 @@ def test_sigterm_shutdown_event_and_status(runner: Runner, binary: str) -> None:
     assert not os.path.exists(path)
 
 
-@pytest.mark.parametrize("binary", both(
-    "virtsim greets (early greeter thread) before its SIGTERM handler is installed: a "
-    "SIGTERM right after the greeting kills it with the default action (exit status -15, "
-    "empty stderr); the same race hits after qmp_capabilities under CPU load (25 of 30 "
-    "runs of test_sigterm_shutdown_event_and_status's script with 2 busy loops); QEMU "
-    "installs its handlers before any monitor exists: exit 0, 'terminating on signal 15'"))
+@pytest.mark.parametrize("binary", both())
 def test_sigterm_right_after_greeting(runner: Runner, binary: str) -> None:
     path = runner.path("qmp.sock")
     emu = runner.start(binary, "-machine", "none",
@@ -655,11 +642,7 @@ def _argv0(pid: int) -> str:
         return f.read().split(b"\0", 1)[0].decode()
 
 
-@pytest.mark.parametrize("binary", both(
-    "virtsim prints 'qemu-system-x86_64: terminating on signal 15'; QEMU 7.2 adds the "
-    "sender: 'qemu-system-x86_64: terminating on signal 15 from pid N (ARGV0)' (N = si_pid "
-    "of the signal, ARGV0 = first word of /proc/N/cmdline, e.g. 'from pid 18159 "
-    "(/work/main/.venv/bin/python3)')"))
+@pytest.mark.parametrize("binary", both())
 def test_sigterm_stderr_names_sender(runner: Runner, binary: str) -> None:
     path = runner.path("qmp.sock")
     emu = runner.start(binary, "-machine", "none",
@@ -691,25 +674,16 @@ BAD_CASES = [
     BadCase("missing-argument", ["-machine", "none", "-blockdev"],
             "-blockdev: requires an argument\n"),
     BadCase("blockdev-json-truncated", ["-machine", "none", "-blockdev", '{"driver":"file",'],
-            '-blockdev {"driver":"file",: JSON parse error, premature EOI\n',
-            "virtsim reports Python's json error: '-blockdev {\"driver\":\"file\",: JSON parse "
-            "error, Expecting property name enclosed in double quotes: line 1 column 18 "
-            "(char 17)'"),
+            '-blockdev {"driver":"file",: JSON parse error, premature EOI\n'),
     BadCase("blockdev-json-no-value", ["-machine", "none", "-blockdev", '{"driver":}'],
-            '-blockdev {"driver":}: JSON parse error, expecting value\n',
-            "virtsim: '-blockdev {\"driver\":}: JSON parse error, Expecting value: line 1 "
-            "column 11 (char 10)'"),
+            '-blockdev {"driver":}: JSON parse error, expecting value\n'),
     BadCase("blockdev-json-trailing", ["-machine", "none", "-blockdev", '{"driver":"file"} x'],
-            '-blockdev {"driver":"file"} x: Expecting at most one JSON value\n',
-            "virtsim: '-blockdev {\"driver\":\"file\"} x: JSON parse error, Extra data: line 1 "
-            "column 19 (char 18)'"),
+            '-blockdev {"driver":"file"} x: Expecting at most one JSON value\n'),
     BadCase("blockdev-json-single-quotes",
             ["-machine", "none", "-blockdev",
              "{'driver':'file','node-name':'f0','filename':'missing.img'}"],
             "-blockdev {'driver':'file','node-name':'f0','filename':'missing.img'}: "
-            "Could not open 'missing.img': No such file or directory\n",
-            "QEMU's JSON parser accepts single-quoted strings; virtsim: 'JSON parse error, "
-            "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)'"),
+            "Could not open 'missing.img': No such file or directory\n"),
     BadCase("blockdev-missing-file-json",
             ["-machine", "none", "-blockdev",
              '{"driver":"file","node-name":"f0","filename":"missing.img"}'],
@@ -802,10 +776,7 @@ BAD_CASES = [
             ["-machine", "none", "-chardev", "socket,path=x.sock,server=on,wait=off"],
             "-chardev socket,path=x.sock,server=on,wait=off: chardev: no id specified\n"),
     BadCase("machine-unknown-type", ["-machine", "bogus"],
-            "unsupported machine type\nUse -machine help to list supported machines\n",
-            "virtsim: 'qemu-system-x86_64: -machine bogus: unsupported machine type 'bogus' "
-            "(virtsim emulates none, pc and q35)' (one line); QEMU prints 'qemu-system-x86_64: "
-            "unsupported machine type' then 'Use -machine help to list supported machines'"),
+            "unsupported machine type\nUse -machine help to list supported machines\n"),
 ]
 
 
@@ -1111,11 +1082,7 @@ def test_garbage_flood_then_command(runner: Runner, binary: str) -> None:
     quit_and_exit(emu, c)
 
 
-@pytest.mark.parametrize("binary", both(
-    "virtsim keeps reading a client that does not read its replies and queues every reply "
-    "in memory: peak RSS +16 MB within 0.5 s of ~460 KB of ']' (and +98 MB after 5 s, "
-    "still reading); QEMU stops reading the socket while its replies are unsent (~230 KB "
-    "accepted by the kernel, peak RSS +1.2 MB)"))
+@pytest.mark.parametrize("binary", both())
 def test_flood_without_reading_replies_is_bounded(runner: Runner, binary: str) -> None:
     """Each ']' is an error reply; the client never reads them.  Memory must stay bounded:
     the emulator has to stop reading input it cannot answer."""

@@ -84,15 +84,7 @@ def _keyval_value(key: str, v: str) -> Any:
 def parse_blockdev(arg: str) -> dict[str, Any]:
     """-blockdev as JSON (``{...}``) or dotted keyval (``driver=qcow2,file.filename=x``)."""
     if arg.lstrip().startswith("{"):
-        import json
-
-        try:
-            value = json.loads(arg)
-        except ValueError as e:
-            raise UsageError(f"-blockdev {arg}: JSON parse error, {e}") from None
-        if not isinstance(value, dict):
-            raise UsageError(f"-blockdev {arg}: Invalid JSON syntax")
-        return value
+        return parse_json_option(arg, "-blockdev")
     out: dict[str, Any] = {}
     for i, (k, v) in enumerate(split_opts(arg)):
         if v is None:
@@ -109,6 +101,24 @@ def parse_blockdev(arg: str) -> dict[str, Any]:
             cur = nxt
         cur[keys[-1]] = _keyval_value(k, v)
     return out
+
+
+def parse_json_option(arg: str, opt: str) -> dict[str, Any]:
+    """A JSON command-line argument, read by QEMU's own JSON parser rules and texts."""
+    from .jsonstream import JsonParseError, JsonStreamParser
+
+    parser = JsonStreamParser()
+    values = parser.feed(arg.encode("utf-8")) + parser.feed(b"\n")
+    if values and isinstance(values[0], JsonParseError):
+        raise UsageError(f"{opt} {arg}: {values[0].desc}")
+    if len(values) > 1:
+        raise UsageError(f"{opt} {arg}: Expecting at most one JSON value")
+    if not parser.idle or not values:
+        raise UsageError(f"{opt} {arg}: JSON parse error, premature EOI")
+    value = values[0]
+    if not isinstance(value, dict):
+        raise UsageError(f"{opt} {arg}: Invalid parameter type for 'null', expected: object")
+    return value
 
 
 def _parse_chardev_addr(arg: str, opt: str) -> MonitorSpec:
@@ -153,11 +163,14 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
             kv = split_opts(val)
             mtype = kv[0][0] if kv[0][1] is None else dict(kv).get("type", "none")
             mtype = mtype or "none"
-            if mtype not in ("none", "pc", "q35") and not mtype.startswith(("pc-", "q35")):
-                raise UsageError(f"-machine {val}: unsupported machine type '{mtype}' "
-                                 f"(virtsim emulates none, pc and q35)")
-            cfg.machine = "pc" if mtype.startswith("pc") else ("q35" if mtype.startswith("q35")
-                                                                 else "none")
+            if mtype in ("none", "pc", "q35") or mtype.startswith(("pc-i440fx-", "pc-q35-")):
+                cfg.machine = "q35" if "q35" in mtype else ("pc" if mtype != "none" else "none")
+            elif mtype in ("isapc", "microvm", "x-remote"):
+                raise UsageError(f"-machine {val}: virtsim does not emulate machine type "
+                                 f"'{mtype}' (it emulates none, pc and q35)")
+            else:
+                raise UsageError("unsupported machine type\n"
+                                 "Use -machine help to list supported machines")
         elif opt == "S":
             cfg.start_paused = True
         elif opt == "name":
@@ -260,7 +273,8 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
 
 
 def _daemonize() -> int:
-    """Fork; the parent waits until the child is ready (like QEMU) and exits with its status."""
+    """QEMU's -daemonize: fork, setsid, fork again (so the daemon does not lead a session);
+    the launcher waits until the daemon is ready and exits 0, or 1 if it failed."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid > 0:
@@ -269,13 +283,88 @@ def _daemonize() -> int:
         os._exit(0 if status == b"\0" else 1)
     os.close(rfd)
     os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
     return wfd
 
 
+def _write_pidfile(path: str) -> int:
+    """QEMU's qemu_write_pidfile: 0600, locked for the process's lifetime, one per path."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise UsageError(f"cannot create PID file: Cannot open pid file: {e.strerror}"
+                         ) from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        raise UsageError(f"cannot create PID file: Cannot lock pid file: {e.strerror}"
+                         ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class SignalWatcher:
+    """Termination signals, caught from the first instant and reported as QEMU does.
+
+    The signals are blocked in every thread and collected by one thread with
+    sigwaitinfo(), which also tells who sent them ("from pid N (ARGV0)").  Until the event
+    loop is up they are kept; then each one shuts the emulator down.
+    """
+
+    SIGNALS = (15, 2, 1)  # SIGTERM, SIGINT, SIGHUP
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.pending: list[tuple[int, int]] = []
+        self.deliver: Any = None
+        self._lock = threading.Lock()
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        self.thread = threading.Thread(target=self._wait, name="virtsim-signals", daemon=True)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        import signal
+
+        while True:
+            info = signal.sigwaitinfo(self.SIGNALS)
+            with self._lock:
+                if self.deliver is None:
+                    self.pending.append((info.si_signo, info.si_pid))
+                    continue
+                deliver = self.deliver
+            deliver(info.si_signo, info.si_pid)
+
+    def attach(self, deliver: Any) -> None:
+        """From now on call ``deliver(signo, pid)`` (thread-safe); replay what came early."""
+        with self._lock:
+            self.deliver = deliver
+            pending, self.pending = self.pending, []
+        for signo, pid in pending:
+            deliver(signo, pid)
+
+
+def _terminating_message(signo: int, pid: int) -> str:
+    if pid == 0:
+        return f"{PROG}: terminating on signal {signo}"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            name = f.read().split(b"\0")[0].decode(errors="replace") or "<unknown process>"
+    except OSError:
+        name = "<unknown process>"
+    return f"{PROG}: terminating on signal {signo} from pid {pid} ({name})"
+
+
 async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None,
-               greeter: EarlyGreeter | None = None) -> int:
+               greeter: EarlyGreeter | None = None,
+               signals: SignalWatcher | None = None) -> int:
     import asyncio
-    import signal
 
     from .emulator import Emulator, StartupError
 
@@ -286,37 +375,43 @@ async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None,
         await emu.start()
     except (SimError, StartupError, OSError) as e:
         print(f"{PROG}: {getattr(e, 'desc', e)}", file=sys.stderr)
+        if proc["pidfile"]:
+            _remove(proc["pidfile"])
         if ready_fd is not None:
             os.write(ready_fd, b"\1")
         return 1
-    if proc["pidfile"]:
-        with open(proc["pidfile"], "w") as f:
-            f.write(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
 
-    def on_signal(signum: int) -> None:
-        print(f"{PROG}: terminating on signal {signum}", file=sys.stderr)
+    def on_signal(signo: int, pid: int) -> None:
+        print(_terminating_message(signo, pid), file=sys.stderr, flush=True)
         emu.bus.emit("SHUTDOWN", {"guest": False, "reason": "host-signal"})
         emu.finish_quit()
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, on_signal, sig)
+    if signals is not None:
+        signals.attach(lambda signo, pid: loop.call_soon_threadsafe(on_signal, signo, pid))
     if ready_fd is not None:
         os.write(ready_fd, b"\0")
         os.close(ready_fd)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
+        # QEMU's os_setup_post(): a daemon runs from / with umask 027
+        os.chdir("/")
+        os.umask(0o027)
     try:
         await emu.wait_quit()
     finally:
         await emu.close()
         if proc["pidfile"]:
-            try:
-                os.unlink(proc["pidfile"])
-            except OSError:
-                pass
+            _remove(proc["pidfile"])
     return 0
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def greeting_bytes(version: dict[str, Any]) -> bytes | None:
@@ -429,7 +524,22 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
+    signals = SignalWatcher()
     ready_fd = _daemonize() if proc["daemonize"] else None
+    if ready_fd is not None:
+        signals = SignalWatcher()  # the watcher thread does not survive fork()
+    for spec in cfg.monitors:
+        if spec.kind == "unix":
+            spec.path = os.path.abspath(spec.path)  # unlinked correctly after chdir("/")
+    if proc["pidfile"]:
+        try:
+            proc["pidfile_fd"] = _write_pidfile(proc["pidfile"])
+        except UsageError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            if ready_fd is not None:
+                os.write(ready_fd, b"\1")
+            return 1
+        proc["pidfile"] = os.path.abspath(proc["pidfile"])
     greeter = None
     if (cfg.monitors and not (cfg.blockdevs or cfg.drives or cfg.devices)
             and os.environ.get("VIRTSIM_EARLY_GREETING", "1") != "0"):
@@ -441,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{PROG}: {e}", file=sys.stderr)
                 return 1
     try:
-        status: int = _loop_runner()(_run(cfg, proc, ready_fd, greeter))
+        status: int = _loop_runner()(_run(cfg, proc, ready_fd, greeter, signals))
         return status
     except SimError as e:
         print(f"{PROG}: {e.desc}", file=sys.stderr)

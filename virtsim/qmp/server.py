@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 
 _LAZY: dict[str, Any] = {}
+FEED_SLICE = 4096  # bytes of input served before checking whether the client still reads
 
 
 def _schema() -> Any:
@@ -135,6 +136,7 @@ class Session(asyncio.Protocol):
         self.lost = False
         self._unsubscribe: Any = None
         self._held: list[bytes] = []
+        self._writing_paused = False
 
     # ----- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -142,10 +144,30 @@ class Session(asyncio.Protocol):
         self.monitor._arrived(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.core is None:
-            self._held.append(data)  # waiting for the monitor to be free
-            return
+        if self.core is None or self._held:
+            self._held.append(data)  # waiting for the monitor to be free, or for the client
+            return                   # to read the replies it already has
         self._feed(data)
+
+    def pause_writing(self) -> None:
+        # the client is not reading its replies: stop reading its requests (QEMU does the
+        # same), so an unread backlog cannot grow without bound
+        self._writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.core is None:
+            return
+        held, self._held = self._held, []
+        for i, chunk in enumerate(held):
+            self._feed(chunk)
+            if self._writing_paused:
+                self._held = self._held + held[i + 1:]
+                return
+        if self.transport is not None and not self._writing_paused:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -194,14 +216,20 @@ class Session(asyncio.Protocol):
             self._flush()
 
     def _feed(self, data: bytes) -> None:
+        """Serve ``data`` in slices; once the client stops reading, keep the rest for later."""
         assert self.core is not None
-        for req in self.core.receive_data(data):
-            self.dispatch(req)
+        for pos in range(0, len(data), FEED_SLICE):
+            if self._writing_paused:
+                self._held.append(data[pos:])
+                return
+            for req in self.core.receive_data(data[pos:pos + FEED_SLICE]):
+                self.dispatch(req)
+                if self.emu.quitting:
+                    break
+            self._flush()
             if self.emu.quitting:
-                break
-        self._flush()
-        if self.emu.quitting:
-            self.emu.finish_quit()
+                self.emu.finish_quit()
+                return
 
     def dispatch(self, req: Request) -> None:
         assert self.core is not None
