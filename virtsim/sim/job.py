@@ -1010,6 +1010,11 @@ class JobRunner:
     ``next_wakeup`` passes); ``advance`` and ``run_until_idle`` move a
     :class:`VirtualClock` from deadline to deadline, so a throttled job runs instantly.
     Due jobs run oldest first; a job that asks for no sleep runs again in the same call.
+
+    On an event loop: point ``manager.on_wakeup`` at an event's ``set``, and loop
+    "``run_due()``; wait for the event, at most until ``next_wakeup()``".  Calling
+    ``run_due()`` after each command, before its reply, gives QEMU's ordering for fast
+    jobs (an unthrottled null-co backup completes before blockdev-backup's reply).
     """
 
     def __init__(self, manager: JobManager, max_steps: int = 1_000_000) -> None:
