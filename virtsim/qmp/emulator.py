@@ -21,6 +21,7 @@ from .config import DEBIAN_VERSION, DeviceSpec, EmulatorConfig, MonitorSpec
 
 if TYPE_CHECKING:
     from ..sim.block import BlockBackend, BlockGraph, Node
+    from ..sim.job import JobManager, JobRunner
 
 __all__ = ["DEBIAN_VERSION", "DeviceSpec", "Emulator", "EmulatorConfig", "MonitorSpec",
            "StartupError", "embedded"]
@@ -39,6 +40,9 @@ class Emulator:
         self.rng = random.Random(self.config.seed)
         self.bus = EventBus()
         self._graph: BlockGraph | None = None
+        self._jobs: JobManager | None = None
+        self._job_task: asyncio.Task[None] | None = None
+        self._job_wakeup: asyncio.Event | None = None
         self.run_state = "prelaunch" if self.config.start_paused else "running"
         self.devices: dict[str, BlockBackend] = {}
         self.device_paths: dict[str, str] = {}          # device id -> QOM path
@@ -75,6 +79,48 @@ class Emulator:
             self._graph.device_ids = self.device_ids
             self._graph.warn = self._report
         return self._graph
+
+    @property
+    def jobs(self) -> JobManager:
+        """The job list (job.c's), built on first use like the graph."""
+        if self._jobs is None:
+            from ..sim.job import JobManager, JobRunner
+
+            self._jobs = JobManager(self.bus, self.clock)
+            self._jobs.on_wakeup = self._wake_jobs
+            self.job_runner: JobRunner = JobRunner(self._jobs)
+        return self._jobs
+
+    def _wake_jobs(self) -> None:
+        if self._job_wakeup is not None:
+            self._job_wakeup.set()
+        elif self._job_task is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._job_wakeup = asyncio.Event()
+            self._job_wakeup.set()
+            self._job_task = loop.create_task(self._drive_jobs())
+
+    async def _drive_jobs(self) -> None:
+        """Run job steps when they are due: the emulator's equivalent of QEMU's coroutines."""
+        assert self._job_wakeup is not None
+        while True:
+            self.run_jobs()
+            nxt = self.job_runner.next_wakeup()
+            self._job_wakeup.clear()
+            timeout = None if nxt is None else max(0.0, nxt - self.clock.monotonic())
+            try:
+                await asyncio.wait_for(self._job_wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def run_jobs(self) -> None:
+        """Step every due job now (also called after each command, before its reply, so a
+        fast job's events precede the reply as in QEMU)."""
+        if self._jobs is not None:
+            self.job_runner.run_due()
 
     def _report(self, msg: str) -> None:
         """QEMU's error_report(): program name prefix, on stderr."""
@@ -309,6 +355,11 @@ class Emulator:
             self.quit_event.set()
 
     async def close(self) -> None:
+        if self._job_task is not None:
+            self._job_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._job_task
+            self._job_task = None
         for srv in self.servers:
             await srv.close()
         self.servers.clear()

@@ -243,6 +243,7 @@ class Session(asyncio.Protocol):
                 value = handler(self.emu, args)
             finally:
                 self.emu.in_command = False
+                self.emu.run_jobs()
         except SimError as e:
             self.core.send_error(req, e.error_class, e.desc)
         except Exception as e:  # a bug in virtsim: say so in QEMU's terms, keep serving

@@ -47,17 +47,22 @@ class AbortAction(Action):
 class TransactionContext:
     """State shared by the actions of one transaction (e.g. a job group for ``grouped``)."""
 
-    def __init__(self, completion_mode: str) -> None:
+    def __init__(self, completion_mode: str, jobs: Any = None) -> None:
         self.completion_mode = completion_mode
+        self.jobs = jobs            # the emulator's JobManager, for actions that create jobs
+        self.txn: Any = None        # the shared JobTxn of a grouped transaction, made lazily
         self.extra: dict[str, Any] = {}
 
 
 def run_transaction(graph: BlockGraph, actions: list[dict[str, Any]],
                     properties: dict[str, Any] | None,
-                    registry: dict[str, type[Action]]) -> TransactionContext:
-    """Execute a transaction; raises the first prepare error after rolling back."""
+                    registry: dict[str, type[Action]], jobs: Any = None) -> TransactionContext:
+    """Execute a transaction; raises the first prepare error after rolling back.
+
+    Like QEMU: prepare in order; on failure abort every action that began preparing, in
+    reverse; else commit in order; then clean in order either way."""
     mode = (properties or {}).get("completion-mode", "individual")
-    ctx = TransactionContext(mode)
+    ctx = TransactionContext(mode, jobs)
     todo: list[Action] = []
     for spec in actions:
         kind = spec["type"]
@@ -76,12 +81,12 @@ def run_transaction(graph: BlockGraph, actions: list[dict[str, Any]],
     except SimError:
         for act in reversed(done):
             act.abort()
-        for act in reversed(done):
+        for act in done:
             act.clean()
         raise
     for act in todo:
         act.commit()
-    for act in reversed(todo):
+    for act in todo:
         act.clean()
     return ctx
 

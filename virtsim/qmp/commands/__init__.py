@@ -27,10 +27,14 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return deco
 
 
+# command modules; a feature adds its module name here
+MODULES = ["bitmap", "block", "hmp", "job", "misc", "transaction"]
+
+
 def load_all() -> dict[str, Handler]:
     """Import every command module (registration happens at import)."""
     import importlib
 
-    for mod in ("bitmap", "block", "hmp", "misc", "transaction"):
+    for mod in MODULES:
         importlib.import_module(f"{__name__}.{mod}")
     return REGISTRY

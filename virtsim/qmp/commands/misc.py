@@ -66,16 +66,6 @@ def migrate_pause(emu: Emulator, args: dict[str, Any]) -> Any:
     raise SimError("migrate-pause is currently only supported during postcopy-active state")
 
 
-@command("query-jobs")
-def query_jobs(emu: Emulator, args: dict[str, Any]) -> Any:
-    return []
-
-
-@command("query-block-jobs")
-def query_block_jobs(emu: Emulator, args: dict[str, Any]) -> Any:
-    return []
-
-
 @command("query-block-exports")
 def query_block_exports(emu: Emulator, args: dict[str, Any]) -> Any:
     return []

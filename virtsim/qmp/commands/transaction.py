@@ -11,10 +11,13 @@ from . import command
 if TYPE_CHECKING:
     from ..emulator import Emulator
 
-REGISTRY: dict[str, type[Action]] = {**ACTIONS, **BITMAP_ACTIONS}
+def registry() -> dict[str, type[Action]]:
+    """Every transaction action: the generic ones, bitmaps, and whatever feature modules
+    (backup jobs...) added to ``virtsim.sim.transaction.ACTIONS`` when imported."""
+    return {**ACTIONS, **BITMAP_ACTIONS}
 
 
 @command("transaction")
 def transaction(emu: Emulator, a: dict[str, Any]) -> Any:
-    run_transaction(emu.graph, a["actions"], a.get("properties"), REGISTRY)
+    run_transaction(emu.graph, a["actions"], a.get("properties"), registry(), emu.jobs)
     return {}
