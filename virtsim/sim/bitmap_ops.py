@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT, DirtyBitmap, check_bitmap
+from .bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT, DirtyBitmap, check_bitmap, merge_bitmaps
 from .block import BlockGraph, Node
 from .errors import SimError
 from .transaction import Action
-
-BITMAP_NAME_MAX = 1023
 
 
 def default_granularity(node: Node) -> int:
@@ -70,17 +68,12 @@ def add(graph: BlockGraph, node: str, name: str, granularity: int | None = None,
         if problem:
             raise SimError(f"Can't make bitmap '{name}' persistent in "
                            f"'{_device_or_node_name(graph, bs)}': {problem}")
-    if bs.bitmaps.find(name) is not None:
-        raise SimError(f"Bitmap already exists: {name}")
-    if len(name.encode("utf-8")) > BITMAP_NAME_MAX:
-        raise SimError(f"Bitmap name too long: {name}")
-    bm = DirtyBitmap(bs.length(), granularity, name)
+    bm = bs.bitmaps.create(bs.length(), granularity, name)
     bm.persistent = persistent
     if bs.read_only and persistent:
         bm.readonly = False
     if disabled:
         bm.enabled = False
-    bs.bitmaps.add(bm)
     return bm
 
 
@@ -144,13 +137,9 @@ def merge(graph: BlockGraph, node: str, target: str, bitmaps: list[Any]) -> Dirt
     backup: DirtyBitmap | None = None
     try:
         for src in _merge_sources_iter(graph, bs, bitmaps):
-            check_bitmap(src, CHECK_ALLOW_RO)
-            if src.size != dst.size:
-                raise SimError(f"Bitmaps are of different sizes (destination size is {dst.size}, "
-                               f"source size is {src.size}) and can't be merged")
             if backup is None:
                 backup = dst.copy()
-            dst.merge_from(src)
+            merge_bitmaps(dst, src)
     except SimError:
         if backup is not None:
             dst.restore_from(backup)
