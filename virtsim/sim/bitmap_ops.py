@@ -70,8 +70,6 @@ def add(graph: BlockGraph, node: str, name: str, granularity: int | None = None,
                            f"'{_device_or_node_name(graph, bs)}': {problem}")
     bm = bs.bitmaps.create(bs.length(), granularity, name)
     bm.persistent = persistent
-    if bs.read_only and persistent:
-        bm.readonly = False
     if disabled:
         bm.enabled = False
     return bm
