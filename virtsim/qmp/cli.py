@@ -29,9 +29,12 @@ _IGNORED_WITH_ARG = {"m", "smp", "uuid", "msg", "accel", "overcommit", "rtc", "b
 _IGNORED_FLAGS = {"nodefaults", "nographic", "no-user-config", "no-shutdown", "enable-kvm",
                   "no-reboot", "no-hpet", "no-acpi"}
 _INT_KEYS = {"size", "offset", "granularity", "cluster-size", "port", "max-connections",
-             "cbw-timeout", "iops", "bps"}
+             "cbw-timeout", "iops", "bps",
+             # blkdebug
+             "align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard",
+             "max-discard", "state", "new_state", "errno", "sector"}
 _BOOL_KEYS = {"read-only", "auto-read-only", "read-zeroes", "force-share", "persistent",
-              "disabled", "writable", "locking"}
+              "disabled", "writable", "locking", "once", "immediately"}
 
 
 class UsageError(Exception):
@@ -100,7 +103,20 @@ def parse_blockdev(arg: str) -> dict[str, Any]:
                 raise UsageError(f"-blockdev {arg}: Parameter '{k}' used inconsistently")
             cur = nxt
         cur[keys[-1]] = _keyval_value(k, v)
-    return out
+    listified: dict[str, Any] = _listify(out)
+    return listified
+
+
+def _listify(value: Any) -> Any:
+    """keyval's lists: an object whose keys are all 0..N-1 is the list of its members
+    (``inject-error.0.event=...``)."""
+    if not isinstance(value, dict):
+        return value
+    items = {k: _listify(v) for k, v in value.items()}
+    if items and all(k.isdigit() for k in items) and \
+            sorted(int(k) for k in items) == list(range(len(items))):
+        return [items[str(i)] for i in range(len(items))]
+    return items
 
 
 def parse_json_option(arg: str, opt: str) -> dict[str, Any]:

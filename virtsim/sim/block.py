@@ -84,6 +84,9 @@ class Node:
         # Hooks called before a write reaches this node (copy-before-write, fault injection).
         self.before_write: list[WriteHook] = []
         self.op_blockers: list[str] = []
+        # QEMU's write_gen/flushed_gen: a flush reaches the disk only after new writes
+        self.write_gen = 0
+        self.flushed_gen = 0
 
     def opened(self) -> None:
         """Called once the node is named and its children are attached."""
@@ -154,6 +157,7 @@ class Node:
         try:
             self._drv_write(offset, data)
         finally:
+            self.write_gen += 1
             self.set_dirty(offset, len(data))
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
@@ -164,6 +168,7 @@ class Node:
         try:
             self._drv_write_zeroes(offset, length, unmap)
         finally:
+            self.write_gen += 1
             self.set_dirty(offset, length)
 
     def discard(self, offset: int, length: int) -> None:
@@ -177,12 +182,23 @@ class Node:
         try:
             self._drv_discard(offset, length)
         finally:
+            self.write_gen += 1
             self.set_dirty(offset, length)
 
     def flush(self) -> None:
+        primary = self.file
+        if primary is not None:  # bdrv_co_flush raises these on the primary child
+            primary.debug_event("flush_to_os")
+            if self.write_gen != self.flushed_gen and not self.read_only:
+                primary.debug_event("flush_to_disk")
+        self.flushed_gen = self.write_gen
         self._drv_flush()
         for edge in self.children.values():
             edge.child.flush()
+
+    def debug_event(self, event: str) -> None:
+        """QEMU's ``bdrv_debug_event`` (BlkdebugEvent name): only blkdebug reacts."""
+        return None
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
         """Allocation of [offset, offset+length) in *this* layer."""
@@ -247,7 +263,9 @@ class Node:
         info: dict[str, Any] = {"filename": self.filename(), "format": self.drv}
         if self.has_get_info():
             info["dirty-flag"] = False
-        info["actual-size"] = self.actual_size()
+        asz = self.actual_size()
+        if asz is not None:  # QEMU omits it when a protocol (blkdebug) cannot tell
+            info["actual-size"] = asz
         info["virtual-size"] = self.length()
         cs = self.cluster_size()
         if cs:
@@ -272,7 +290,7 @@ class Node:
     def cluster_size(self) -> int | None:
         return None
 
-    def actual_size(self) -> int:
+    def actual_size(self) -> int | None:
         f = self.file
         return f.actual_size() if f else 0
 
@@ -471,7 +489,7 @@ class RawNode(Node):
         if self.strong_options():
             return None
         f = self.file
-        return f.filename() if f else None
+        return f.exact_filename() if f else None
 
     def length(self) -> int:
         f = self.file
@@ -489,9 +507,11 @@ class RawNode(Node):
         return f
 
     def _drv_read(self, offset: int, length: int) -> bytes:
+        self._f().debug_event("read_aio")
         return self._f().read(self.offset + offset, length)
 
     def _drv_write(self, offset: int, data: bytes) -> None:
+        self._f().debug_event("write_aio")
         self._f().write(self.offset + offset, data)
 
     def _drv_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
@@ -547,7 +567,7 @@ class NodeStore:
         return [(o, n, k == DATA) for o, n, k in self.node.block_status(offset, length)]
 
     def allocated_bytes(self) -> int:
-        return self.node.actual_size()
+        return self.node.actual_size() or 0
 
     def close(self) -> None:
         return None
@@ -565,6 +585,7 @@ class Qcow2Node(Node):
 
         self.store = NodeStore(file)
         self.fmt = Qcow2Format.open(self.store, readonly=self.read_only)
+        self.fmt.debug_event = file.debug_event
         self.fmt.pass_discard_request = options.get("discard") == "unmap"
         self.fmt.file_discard = file.options.get("discard") == "unmap"
         self.auto_backing_file = str(self.fmt.backing_file or "")
@@ -664,7 +685,7 @@ class Qcow2Node(Node):
 
     def exact_filename(self) -> str | None:
         f = self.file
-        return f.filename() if f else None
+        return f.exact_filename() if f else None
 
     def backing_overridden(self) -> bool:
         """QEMU compares the header's backing file with the node actually attached."""
@@ -862,15 +883,23 @@ class BlockGraph:
         if len(name) > NODE_NAME_MAX:
             raise SimError("Node name too long")
 
-    def _register(self, node: Node, name: str | None) -> None:
-        if name is None:
+    def _register(self, node: Node, name: str | None,
+                  slot: tuple[int, str | None] | None = None) -> None:
+        """``slot``: (position, reserved auto-name) taken before the children opened."""
+        if slot is not None and name is None and slot[1] is not None:
+            node.node_name = slot[1]
+            node.auto_named = True
+        elif name is None:
             node.node_name = self._auto_name()
             node.auto_named = True
         else:
             self.check_node_name(name)
             node.node_name = name
         self.by_name[node.node_name] = node
-        self.nodes.append(node)
+        if slot is not None:
+            self.nodes.insert(slot[0], node)
+        else:
+            self.nodes.append(node)
 
     def _unregister(self, node: Node) -> None:
         self.by_name.pop(node.node_name, None)
@@ -960,16 +989,23 @@ class BlockGraph:
             raise SimError(f"Unknown driver '{driver}'")
         ro = bool(options.get("read-only", False))
         name = options.get("node-name")
+        slot: tuple[int, str | None] | None = None
+        if spec.named_first:  # a protocol driver opens its children from its own open
+            if name is not None:
+                self.check_node_name(name)
+            slot = (len(self.nodes), self._auto_name() if name is None else None)
+        if spec.precheck is not None:
+            spec.precheck(options)
         children: dict[str, Node] = {}
         for role in spec.children:
             if role not in options:
                 raise SimError(f"A block device must be specified for \"{role}\"")
             children[role] = self._open_child(options[role], ro, role, created,
                                               parent_opts=options)
-        if name is not None:
+        if name is not None and slot is None:
             self.check_node_name(name)
         node = spec.factory(self, options, children)
-        self._register(node, name)
+        self._register(node, name, slot)
         try:
             for role, child in children.items():
                 nperm, nshared = node.child_perms(role, 0, P.ALL)
@@ -1079,10 +1115,16 @@ class DriverSpec:
     chain, and the factory building the node once they exist."""
 
     def __init__(self, factory: Callable[[BlockGraph, dict[str, Any], dict[str, Node]], Node],
-                 children: tuple[str, ...] = (), backing: bool = False) -> None:
+                 children: tuple[str, ...] = (), backing: bool = False,
+                 precheck: Callable[[dict[str, Any]], None] | None = None,
+                 named_first: bool = False) -> None:
         self.factory = factory
         self.children = children
         self.backing = backing
+        # option checks QEMU makes before it opens the children (qemu_opts parsing)
+        self.precheck = precheck
+        # QEMU protocol drivers (blkdebug) are named before their children are opened
+        self.named_first = named_first
 
 
 DRIVERS: dict[str, DriverSpec] = {}
@@ -1102,11 +1144,13 @@ def _open_qcow2(graph: BlockGraph, options: dict[str, Any], ch: dict[str, Node])
         raise SimError(str(e)) from None
 
 
-register_driver("file", DriverSpec(lambda g, o, c: FileNode(g, o)))
-register_driver("null-co", DriverSpec(lambda g, o, c: NullNode(g, o)))
-register_driver("null-aio", DriverSpec(lambda g, o, c: NullNode(g, o)))
+register_driver("file", DriverSpec(lambda g, o, c: FileNode(g, o), named_first=True))
+register_driver("null-co", DriverSpec(lambda g, o, c: NullNode(g, o), named_first=True))
+register_driver("null-aio", DriverSpec(lambda g, o, c: NullNode(g, o), named_first=True))
 register_driver("raw", DriverSpec(lambda g, o, c: RawNode(g, o, c["file"]), ("file",)))
 register_driver("qcow2", DriverSpec(_open_qcow2, ("file",), backing=True))
 
+
+from . import blkdebug  # noqa: F401,E402
 
 __all__ = ["BlockGraph", "BlockBackend", "Node", "Edge", "DirtyBitmap", "id_wellformed"]

@@ -30,6 +30,11 @@ def run_ops(emu: Emulator, node: Node, ops: list[guest.GuestOp], echo: bool) -> 
         error: int | None = None
         data: bytes | None = None
         try:
+            if op.kind in ("write", "zero", "discard", "read") and \
+                    op.offset + op.length > node.length():
+                # blk_check_byte_request: a BlockBackend never writes past the end, even
+                # where the node below would grow (file, blkdebug over file)
+                raise OSError(5, "Input/output error")
             if op.kind == "write":
                 node.write(op.offset, op.data())
             elif op.kind == "zero":

@@ -174,6 +174,8 @@ class Qcow2Format:
         self.backing_read: Callable[[int, int], bytes] | None = None
         # Whether the backing chain reads as zero per block status (bdrv_is_zero_fast).
         self.backing_is_zero: Callable[[int, int], bool] | None = None
+        # QEMU's BLKDBG_EVENT(bs->file, ...): the block layer points it at the file node
+        self.debug_event: Callable[[str], None] = lambda event: None
         # Discard passthrough (pass-discard-*); file_discard=False drops them all, as a file
         # node without discard=unmap does.
         self.pass_discard_request = True
@@ -759,6 +761,7 @@ class Qcow2Format:
     def _load_l2(self, off: int) -> array[int]:
         tbl = self._l2.get(off)
         if tbl is None:
+            self.debug_event("l2_load")
             tbl = load_u64(self.store.pread(off, self.cluster_size))
             self._l2[off] = tbl
         return tbl
@@ -874,6 +877,7 @@ class Qcow2Format:
         parts: list[bytes] = []
         for g, n, typ, host, e in self._iter_runs(offset, lim - offset):
             if typ == NORMAL:
+                self.debug_event("read_aio")
                 parts.append(self.store.pread(host, n))
             elif typ == UNALLOC:
                 parts.append(self._backing(g, n))
@@ -889,6 +893,7 @@ class Qcow2Format:
     def _backing(self, offset: int, length: int) -> bytes:
         if self.backing_read is None:
             return bytes(length)
+        self.debug_event("read_backing_aio")
         data = self.backing_read(offset, length)
         if len(data) != length:
             data = bytes(data[:length]) + bytes(max(0, length - len(data)))
@@ -1038,6 +1043,7 @@ class Qcow2Format:
             need_head, need_tail = self._alloc_space(metas, goff, end, need_head, need_tail)
         head_data = self.read(goff - head, head) if need_head else b""
         tail_data = self.read(end, tail) if need_tail else b""
+        self.debug_event("write_aio")
         if not (head_data or tail_data):
             self.store.pwrite(host_start, view[:written])
         elif written <= 4 * self.cluster_size:
