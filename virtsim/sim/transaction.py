@@ -70,6 +70,8 @@ def run_transaction(graph: BlockGraph, actions: list[dict[str, Any]],
         if cls is None:
             raise SimError(f"Action '{kind}' is not supported by virtsim")
         todo.append(cls(graph, spec.get("data", {}), ctx))
+    if jobs is not None:
+        _drain_all(jobs)
     done: list[Action] = []
     try:
         for act in todo:
@@ -89,6 +91,16 @@ def run_transaction(graph: BlockGraph, actions: list[dict[str, Any]],
     for act in todo:
         act.clean()
     return ctx
+
+
+def _drain_all(jobs: Any) -> None:
+    """qmp_transaction starts with bdrv_drain_all(): each running job pauses and resumes
+    (QEMU 7.2 shows a ``paused``/``running`` pair per job, before any action prepares)."""
+    todo = list(reversed(jobs.jobs()))
+    for job in todo:
+        job.internal_pause()
+    for job in todo:
+        job.internal_resume()
 
 
 ACTIONS: dict[str, type[Action]] = {"abort": AbortAction}
