@@ -112,3 +112,42 @@ def test_null_co_negative_size(backend_name: str) -> None:
     assert t.reply("s")["error"]["desc"] == (  # type: ignore[index]
         "Parameter 'size' expects a non-negative number below 2^64")
     _assert_survived(t)
+
+
+def test_grouped_backups_of_one_source(backend_name: str) -> None:
+    # QEMU 7.2: SIGSEGV when one grouped transaction backs up the same source twice.
+    t = run_text(HEAD.format(title="two grouped backups of one source")
+                 + '> {"execute": "blockdev-add", "arguments": {"driver": "null-co", '
+                   '"node-name": "t1", "size": 16777216}}\n'
+                 + '> {"execute": "blockdev-add", "arguments": {"driver": "null-co", '
+                   '"node-name": "t2", "size": 16777216}}\n'
+                 + '> {"execute": "transaction", "arguments": {"actions": ['
+                   '{"type": "blockdev-backup", "data": {"job-id": "g1", "device": "n", '
+                   '"target": "t1", "sync": "full", "speed": 1}}, '
+                   '{"type": "blockdev-backup", "data": {"job-id": "g2", "device": "n", '
+                   '"target": "t2", "sync": "full", "speed": 1}}], '
+                   '"properties": {"completion-mode": "grouped"}}, "id": "t"}\n'
+                 + ALIVE, backend_name)
+    assert _error_class(t, "t") == "GenericError"
+    _assert_survived(t)
+
+
+def test_grouped_abort_of_created_backups(backend_name: str) -> None:
+    # QEMU 7.2 hangs (waits forever for a job that was never started); virtsim rolls back
+    # both jobs and answers the transaction's own error.
+    t = run_text(HEAD.format(title="grouped transaction aborted after two backups")
+                 + "".join('> {"execute": "blockdev-add", "arguments": {"driver": "null-co", '
+                           f'"node-name": "{n}", "size": 16777216}}}}\n'
+                           for n in ("s2", "t1", "t2"))
+                 + '> {"execute": "transaction", "arguments": {"actions": ['
+                   '{"type": "blockdev-backup", "data": {"job-id": "g1", "device": "n", '
+                   '"target": "t1", "sync": "full"}}, '
+                   '{"type": "blockdev-backup", "data": {"job-id": "g2", "device": "s2", '
+                   '"target": "t2", "sync": "full"}}, {"type": "abort", "data": {}}], '
+                   '"properties": {"completion-mode": "grouped"}}, "id": "t"}\n'
+                 + '> {"execute": "query-jobs", "id": "q"}\n'
+                 + ALIVE, backend_name)
+    assert t.reply("t")["error"]["desc"] == (  # type: ignore[index]
+        "Transaction aborted using Abort action")
+    assert t.reply("q")["return"] == []  # type: ignore[index]
+    _assert_survived(t)

@@ -26,3 +26,10 @@ class ImageError(Exception):
 
 class IOErrorEnospc(OSError):
     """Simulated "no space left on device" from a capacity-limited store."""
+
+
+class HangError(Exception):
+    """QEMU 7.2 would stop responding at this point (a documented QEMU bug).
+
+    The model raises it after emitting what QEMU does emit, so callers can roll back and
+    answer instead of hanging like QEMU."""

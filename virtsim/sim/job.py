@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from .block import id_wellformed
 from .clock import Clock, VirtualClock
-from .errors import SimError
+from .errors import HangError, SimError
 from .events import EventBus
 
 
@@ -133,7 +133,7 @@ class JobStateError(AssertionError):
     """A transition or call QEMU would assert on: a bug in the model or its caller."""
 
 
-class QemuHang(Exception):
+class QemuHang(HangError):
     """QEMU 7.2 would wait here forever.
 
     Raised after the events QEMU does send; the caller decides how to play dead (e.g. stop
@@ -601,6 +601,8 @@ class Job:
         self._finish_sync()
 
     def _cancel(self, force: bool) -> None:
+        if self.status == JobStatus.NULL:
+            return  # already finished and dismissed (e.g. by its group's rollback)
         if self.status == JobStatus.CONCLUDED:
             self._do_dismiss()
             return
@@ -860,13 +862,23 @@ class JobTxn:
         for other in list(self.jobs):
             if other is not job:
                 other._cancel_async(True)
+        hang: QemuHang | None = None
         while self.jobs:
             other = self.jobs[0]
             if not other.is_completed():
                 if not other.cancelled:
                     raise JobStateError(f"job {other.id!r} left running in an aborted group")
-                other._finish_sync()
+                if other.started:
+                    other._finish_sync()
+                else:
+                    # QEMU 7.2 waits forever for a job that never started; the model
+                    # finishes the rollback and reports the hang to its caller afterwards
+                    hang = hang or QemuHang(f"waiting for job '{other.id}', which was "
+                                            "never started")
+                    other._update_rc()
             other._finalize_single()
+        if hang is not None:
+            raise hang
 
 
 # --------------------------------------------------------------------------- registry
