@@ -21,7 +21,7 @@ from virtsim.sim.block import BlockGraph, Node
 from virtsim.sim.clock import VirtualClock
 from virtsim.sim.errors import SimError
 from virtsim.sim.events import EventBus
-from virtsim.sim.job import JobManager, JobRunner, QemuHang
+from virtsim.sim.job import JobManager, JobRunner
 from virtsim.sim.transaction import ACTIONS, run_transaction
 
 MiB = 1 << 20
