@@ -19,7 +19,7 @@ from typing import Any
 
 from . import perm as P
 from .bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT, DirtyBitmap, check_bitmap
-from .block import UNALLOCATED, BlockGraph, Edge, FileNode, Node, Qcow2Node
+from .block import UNALLOCATED, BlockGraph, Edge, FileNode, Node, Qcow2Node, reads_as_zero
 from .errors import ImageError, SimError
 from .image.qcow2 import Qcow2Format
 from .image.store import FileStore
@@ -119,6 +119,11 @@ def _job_blocked(node: Node) -> str | None:
     return None
 
 
+def _reaches(top: Node, node: Node) -> bool:
+    """Whether ``node`` is ``top`` or below it in the graph."""
+    return top is node or any(_reaches(e.child, node) for e in top.children.values())
+
+
 def _is_zero(data: bytes) -> bool:
     return not data.strip(b"\0")
 
@@ -184,7 +189,10 @@ class BackupJob(BlockJob):
             self.graph.warn(_BLOCK_SIZE_WARNING)
         self.filter = node
         # bdrv_replace_node: the source's parents (devices, ...) now use the filter
-        self._moved = list(self.source.parents)
+        # (bdrv_replace_node skips a parent the filter reaches through its target, such
+        # as a fleecing scratch whose backing is the source: moving it would make a loop)
+        self._moved = [e for e in self.source.parents
+                       if not (isinstance(e.parent, Node) and _reaches(self.target, e.parent))]
         for edge in self._moved:
             self._move_edge(edge, node)
         try:
@@ -258,11 +266,15 @@ class BackupJob(BlockJob):
         """block_copy_do_copy: zeroes as write-zeroes, the rest as data (raises OSError
         with ``filename`` 'read'/'write' telling which side failed)."""
         try:
-            data = self.source.read(offset, length)
+            if reads_as_zero(self.source, offset, length):
+                # block-copy asks block status first: known-zero areas are never read
+                data = b""
+            else:
+                data = self.source.read(offset, length)
         except OSError as e:
             raise OSError(e.errno or errno.EIO, e.strerror, "read") from None
         try:
-            if _is_zero(data):
+            if not data or _is_zero(data):
                 self.target.write_zeroes(offset, length)
             else:
                 self.target.write(offset, data)

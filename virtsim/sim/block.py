@@ -670,7 +670,7 @@ class Qcow2Node(Node):
         if b is None:
             return True
         end = min(offset + length, b.length())
-        return offset >= end or _reads_as_zero(b, offset, end - offset)
+        return offset >= end or reads_as_zero(b, offset, end - offset)
 
     def _read_backing(self, offset: int, length: int) -> bytes:
         b = self.backing
@@ -770,7 +770,7 @@ class Qcow2Node(Node):
         super().close()
 
 
-def _reads_as_zero(node: Node, offset: int, length: int) -> bool:
+def reads_as_zero(node: Node, offset: int, length: int) -> bool:
     """True if [offset, offset+length) of ``node`` reads as zeroes through its chain."""
     for o, n, kind in node.block_status(offset, length):
         if kind == ZERO:
@@ -781,7 +781,7 @@ def _reads_as_zero(node: Node, offset: int, length: int) -> bool:
         if below is None:
             continue
         blen = below.length()
-        if o < blen and not _reads_as_zero(below, o, min(n, blen - o)):
+        if o < blen and not reads_as_zero(below, o, min(n, blen - o)):
             return False
     return True
 
