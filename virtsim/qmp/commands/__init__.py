@@ -28,7 +28,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 
 # command modules; a feature adds its module name here
-MODULES = ["backup", "bitmap", "block", "create", "hmp", "job", "misc", "transaction"]
+MODULES = ["backup", "bitmap", "block", "create", "hmp", "job", "misc", "qom", "transaction"]
 
 
 def load_all() -> dict[str, Handler]:
