@@ -73,6 +73,7 @@ class Emulator:
     def graph(self) -> BlockGraph:
         """The block graph, built on first use (keeps a bare emulator's start-up short)."""
         if self._graph is None:
+            from ..nbd import blockdriver  # noqa: F401
             from ..sim.block import BlockGraph
 
             self._graph = BlockGraph(rng=self.rng)
