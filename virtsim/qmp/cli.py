@@ -389,6 +389,9 @@ async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None,
         if greeter is not None:
             greeter.stop()
         await emu.start()
+        from .server import warm_up
+
+        asyncio.get_running_loop().call_soon(warm_up)
     except (SimError, StartupError, OSError) as e:
         print(f"{PROG}: {getattr(e, 'desc', e)}", file=sys.stderr)
         if proc["pidfile"]:

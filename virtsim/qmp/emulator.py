@@ -398,6 +398,9 @@ async def embedded(config: EmulatorConfig | None = None, socket_dir: str | None 
         config.monitors.append(MonitorSpec("unix", path=os.path.join(tmp, "qmp.sock")))
     emu = Emulator(config, clock=clock)
     await emu.start()
+    from .server import warm_up
+
+    warm_up()
     try:
         yield emu
     finally:

@@ -37,6 +37,13 @@ def _schema() -> Any:
     return mod
 
 
+def warm_up() -> None:
+    """Import the schema and the command table now (they load lazily so a new process can
+    greet sooner; this runs right after, before the first request needs them)."""
+    _schema()
+    _registry()
+
+
 def _registry() -> dict[str, Any]:
     reg = _LAZY.get("registry")
     if reg is None:
