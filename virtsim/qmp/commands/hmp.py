@@ -77,6 +77,7 @@ def _qemu_io(emu: Emulator, line: str) -> str:
         if node is None:
             return guest.node_not_found_reply(parsed.device)
         if blk2 is None:
+            _drain_jobs(emu, node)  # attaching a BlockBackend drains the node
             temp = emu.graph.temporary_backend(node, 0)
 
     def acquire_write() -> str | None:
@@ -108,6 +109,42 @@ def _qemu_io(emu: Emulator, line: str) -> str:
     finally:
         if temp is not None:
             emu.graph.remove_backend(temp)
+            _drain_jobs(emu, node)
+
+
+def _drain_jobs(emu: Emulator, node: Node) -> None:
+    """A drained section on ``node``: QEMU pauses and resumes every job whose nodes sit
+    below or above it (visible as JOB_STATUS_CHANGE paused/running pairs)."""
+    if emu._jobs is None:
+        return
+    related = {id(n) for n in _closure(node)}
+    for job in reversed(emu.jobs.jobs()):
+        nodes = [getattr(job, "source", None), getattr(job, "target", None)]
+        if job.status.value == "running" and any(n is not None and id(n) in related
+                                                  for n in nodes):
+            job.internal_pause()
+            job.internal_resume()
+
+
+def _closure(node: Node) -> list[Node]:
+    """``node``, everything below it, and every node above it."""
+    seen: dict[int, Node] = {}
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:
+            continue
+        seen[id(n)] = n
+        todo.extend(e.child for e in n.children.values())
+    up = [node]
+    while up:
+        n = up.pop()
+        for e in n.parents:
+            p = e.parent
+            if isinstance(p, Node) and id(p) not in seen:
+                seen[id(p)] = p
+                up.append(p)
+    return list(seen.values())
 
 
 def _info(emu: Emulator, what: str) -> str:
