@@ -31,8 +31,9 @@ def _img(*args: str) -> subprocess.CompletedProcess[str]:
 async def _wait(listener: EventListener, name: str, job: str) -> dict[str, Any]:
     while True:
         ev = await asyncio.wait_for(listener.get(), 20)
-        if ev["event"] == name and ev.get("data", {}).get("device") == job:
-            return dict(ev["data"])
+        data: dict[str, Any] = dict(ev.get("data") or {})  # type: ignore[call-overload]
+        if ev["event"] == name and data.get("device") == job:
+            return data
 
 
 @pytest.mark.parametrize("sync", ["full", "incremental"])
