@@ -93,3 +93,42 @@ async def test_backup_is_point_in_time_while_guest_writes(tmp_path: Path, sync: 
         assert res.returncode == 0, res.stdout + res.stderr
     # and the live disk did change: the comparison above was not trivially true
     assert _img("compare", "-U", before, disk).returncode == 1
+
+
+async def test_pause_point_places_a_guest_write_exactly(tmp_path: Path) -> None:
+    """x-virtsim-job-pause-at armed before the job exists stops it at an exact offset; a
+    guest write then lands both behind and ahead of the copy, and the backup stays exact."""
+    disk, target, before = (str(tmp_path / n) for n in ("disk.qcow2", "tgt.qcow2", "t0.qcow2"))
+    assert _img("create", "-q", "-f", "qcow2", disk, "16M").returncode == 0
+    assert _img("create", "-q", "-f", "qcow2", target, "16M").returncode == 0
+    cfg = EmulatorConfig(echo_qemu_io=False, blockdevs=[
+        {"driver": "qcow2", "node-name": "disk", "file": {"driver": "file", "filename": disk}},
+        {"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": target}}])
+    async with embedded(cfg) as emu:
+        qmp = QMPClient("pause-point")
+        await qmp.connect(emu.qmp_address)
+        listener = EventListener()
+        qmp.register_listener(listener)
+        try:
+            hmp = "human-monitor-command"
+            await qmp.execute(hmp, {"command-line": 'qemu-io disk "write -P 0x61 0 16M"'})
+            await qmp.execute(hmp, {"command-line": 'qemu-io disk "flush"'})
+            shutil.copyfile(disk, before)
+            await qmp.execute("x-virtsim-job-pause-at", {"id": "j", "offset": 4 * MiB})
+            await qmp.execute("blockdev-backup", {"job-id": "j", "device": "disk",
+                                                  "target": "tgt", "sync": "full"})
+            jobs = await qmp.execute("query-block-jobs")
+            assert isinstance(jobs, list)
+            assert (jobs[0]["status"], jobs[0]["offset"]) == ("paused", 4 * MiB)
+            # 2 MiB behind the copy position and 2 MiB ahead of it
+            await qmp.execute(hmp, {"command-line": 'qemu-io disk "write -P 0x62 2M 4M"'})
+            await qmp.execute("job-resume", {"id": "j"})
+            done = await _wait(listener, "BLOCK_JOB_COMPLETED", "j")
+            assert "error" not in done
+            await qmp.execute("blockdev-del", {"node-name": "tgt"})
+            with pytest.raises(Exception, match="Job 'j' is not held|Job not found"):
+                await qmp.execute("x-virtsim-job-release", {"id": "j"})
+        finally:
+            await qmp.disconnect()
+    res = _img("compare", "-U", before, target)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -43,6 +43,8 @@ class Emulator:
         self._jobs: JobManager | None = None
         self._job_task: asyncio.Task[None] | None = None
         self._job_wakeup: asyncio.Event | None = None
+        self._pause_points: dict[str, tuple[int, bool]] = {}
+        self._pause_subscribed = False
         self.run_state = "prelaunch" if self.config.start_paused else "running"
         self.devices: dict[str, BlockBackend] = {}
         self.device_paths: dict[str, str] = {}          # device id -> QOM path
@@ -91,6 +93,27 @@ class Emulator:
             self._jobs.on_wakeup = self._wake_jobs
             self.job_runner: JobRunner = JobRunner(self._jobs)
         return self._jobs
+
+    def arm_pause_point(self, job_id: str, offset: int, hold: bool) -> None:
+        """x-virtsim-job-pause-at: on an existing job now, else when it is created (so a
+        test can arm it before the command that starts the job)."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.pause_at(offset, hold=hold)
+            return
+        if not self._pause_subscribed:
+            self.bus.subscribe(self._apply_pause_points)
+            self._pause_subscribed = True
+        self._pause_points[job_id] = (offset, hold)
+
+    def _apply_pause_points(self, name: str, data: dict[str, Any] | None) -> None:
+        # "created" is announced before the job is listed; "running" comes before any work
+        if name == "JOB_STATUS_CHANGE" and data and data.get("status") in ("created", "running"):
+            job_id = str(data.get("id"))
+            job = self.jobs.get(job_id)
+            if job is not None and job_id in self._pause_points:
+                offset, hold = self._pause_points.pop(job_id)
+                job.pause_at(offset, hold=hold)
 
     def _wake_jobs(self) -> None:
         if self._job_wakeup is not None:

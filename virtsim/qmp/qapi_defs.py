@@ -882,6 +882,9 @@ _OBJECTS: list[Definition] = [
 
 # virtsim-only commands (prefix x-virtsim-): simulator controls with no QEMU equivalent.
 _VIRTSIM: list[Definition] = [
+    {"command": "x-virtsim-job-pause-at",
+     "data": {"id": "str", "offset": "uint64", "*hold": "bool"}, "features": _UNSTABLE},
+    {"command": "x-virtsim-job-release", "data": {"id": "str"}, "features": _UNSTABLE},
     # QEMU's OOB-capable migration command; virtsim never migrates, so it always fails
     # the way QEMU does outside postcopy (this keeps exec-oob flows testable).
     {"command": "migrate-pause", "allow-oob": True},

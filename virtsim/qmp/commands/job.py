@@ -72,3 +72,25 @@ def block_job_dismiss(emu: Emulator, a: dict[str, Any]) -> Any:
 def block_job_set_speed(emu: Emulator, a: dict[str, Any]) -> Any:
     emu.jobs.block_job_set_speed(a["device"], int(a["speed"]))
     return {}
+
+
+@command("x-virtsim-job-pause-at")
+def x_job_pause_at(emu: Emulator, a: dict[str, Any]) -> Any:
+    """Arm a pause point: when job ``id`` (now, or once a job with that id is created)
+    reaches ``offset`` bytes of progress it pauses (``hold``: it stays "running" as if one
+    request never completed, until x-virtsim-job-release) — to place a race exactly."""
+    emu.arm_pause_point(a["id"], int(a["offset"]), bool(a.get("hold", False)))
+    return {}
+
+
+@command("x-virtsim-job-release")
+def x_job_release(emu: Emulator, a: dict[str, Any]) -> Any:
+    from ...sim.errors import SimError
+    from ...sim.job import JobStateError
+
+    job = emu.jobs.find_job(a["id"])
+    try:
+        job.release()
+    except JobStateError:
+        raise SimError(f"Job '{a['id']}' is not held at a pause point") from None
+    return {}
