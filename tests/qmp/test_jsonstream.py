@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtsim.qmp import jsonstream
-from virtsim.qmp.jsonstream import JsonParseError, JsonStreamParser, cstr_to_str, dumps
+from virtsim.qmp.jsonstream import JsonParseError, JsonStreamParser, cstr_to_str
+from virtsim.sim.qjson import dumps
 
 
 def feed(data: bytes, chunk: int = 0) -> list[Any]:
@@ -303,6 +304,6 @@ _JSON_VALUES = st.recursive(
 @given(_JSON_VALUES)
 def test_fast_writer_matches_exact_writer(value: object) -> None:
     """The C-encoder fast path must produce exactly the exact writer's bytes."""
-    from virtsim.qmp.jsonstream import _dumps_exact, dumps
+    from virtsim.sim.qjson import _dumps_exact, dumps
 
     assert dumps(value) == _dumps_exact(value)

@@ -24,8 +24,8 @@ PROG = "qemu-system-x86_64"
 # options taking an argument that we accept and ignore (no guest is emulated)
 _IGNORED_WITH_ARG = {"m", "smp", "uuid", "msg", "accel", "overcommit", "rtc", "boot", "sandbox",
                      "cpu", "global", "vga", "k", "serial", "parallel", "monitor", "L", "bios",
-                     "device-ignored", "audiodev", "vnc", "spice", "runas", "chroot", "D", "d",
-                     "trace", "incompatible-ignored"}
+                     "audiodev", "vnc", "spice", "runas", "chroot", "D", "d",
+                     "trace"}
 _IGNORED_FLAGS = {"nodefaults", "nographic", "no-user-config", "no-shutdown", "enable-kvm",
                   "no-reboot", "no-hpet", "no-acpi"}
 _INT_KEYS = {"size", "offset", "granularity", "cluster-size", "port", "max-connections",
@@ -171,8 +171,7 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
     while i < len(argv):
         raw = argv[i]
         if not raw.startswith("-"):
-            raise UsageError(f"{raw}: drive with bus=0, unit=0 (index=0) exists"
-                             if False else f"virtsim does not support disk image arguments: {raw}")
+            raise UsageError(f"virtsim does not support disk image arguments: {raw}")
         opt = raw.lstrip("-")
         if opt in ("machine", "M"):
             val = need()

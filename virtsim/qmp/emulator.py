@@ -52,7 +52,7 @@ class Emulator:
         self.buses: dict[str, str] = self._machine_buses()  # bus name -> PCI/IDE/SCSI
         self._anon_devices = 0
         self.servers: list[Any] = []
-        self.quit_event = asyncio.Event() if _has_loop() else None
+        self.quit_event: asyncio.Event | None = None  # made by start(), inside the loop
         self._quitting = False
         self.in_command = False
         for opts in self.config.blockdevs:
@@ -394,14 +394,6 @@ class Emulator:
     def qmp_address(self) -> str | tuple[str, int]:
         srv = self.servers[0]
         return srv.address  # type: ignore[no-any-return]
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
 
 
 @contextlib.asynccontextmanager

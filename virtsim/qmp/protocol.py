@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from virtsim.qmp.jsonstream import JsonParseError, JsonStreamParser, dumps
+from virtsim.qmp.jsonstream import JsonParseError, JsonStreamParser
 from virtsim.sim.errors import SimError
 from virtsim.sim.qdict import qdict_order
+from virtsim.sim.qjson import dumps
 
 __all__ = [
     "QmpServerProtocol",

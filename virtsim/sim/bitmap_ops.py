@@ -7,6 +7,7 @@ bitmap changes exactly and users rely on that atomicity.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from .bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT, DirtyBitmap, check_bitmap, merge_bitmaps
@@ -111,8 +112,9 @@ def disable(graph: BlockGraph, node: str, name: str) -> None:
     bm.enabled = False
 
 
-def _merge_sources(graph: BlockGraph, bs: Node, bitmaps: list[Any]) -> list[DirtyBitmap]:
-    out = []
+def _merge_sources(graph: BlockGraph, bs: Node, bitmaps: list[Any]) -> Iterator[DirtyBitmap]:
+    """Each source, looked up only when its turn comes (QEMU merges one, then looks up the
+    next): a string names a bitmap on ``bs``, an object any node's bitmap."""
     for src in bitmaps:
         if isinstance(src, str):
             bm = bs.bitmaps.find(src)
@@ -120,8 +122,7 @@ def _merge_sources(graph: BlockGraph, bs: Node, bitmaps: list[Any]) -> list[Dirt
                 raise SimError(f"Dirty bitmap '{src}' not found")
         else:
             _, bm = lookup(graph, src["node"], src["name"])
-        out.append(bm)
-    return out
+        yield bm
 
 
 def merge(graph: BlockGraph, node: str, target: str, bitmaps: list[Any]) -> DirtyBitmap | None:
@@ -134,7 +135,7 @@ def merge(graph: BlockGraph, node: str, target: str, bitmaps: list[Any]) -> Dirt
     check_bitmap(dst, CHECK_DEFAULT)
     backup: DirtyBitmap | None = None
     try:
-        for src in _merge_sources_iter(graph, bs, bitmaps):
+        for src in _merge_sources(graph, bs, bitmaps):
             if backup is None:
                 backup = dst.copy()
             merge_bitmaps(dst, src)
@@ -143,11 +144,6 @@ def merge(graph: BlockGraph, node: str, target: str, bitmaps: list[Any]) -> Dirt
             dst.restore_from(backup)
         raise
     return backup
-
-
-def _merge_sources_iter(graph: BlockGraph, bs: Node, bitmaps: list[Any]) -> Any:
-    for src in bitmaps:
-        yield _merge_sources(graph, bs, [src])[0]
 
 
 def sha256(graph: BlockGraph, node: str, name: str) -> str:

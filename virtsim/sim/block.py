@@ -18,7 +18,7 @@ from typing import Any
 from . import perm as P
 from .bitmap import BitmapList, DirtyBitmap
 from .errors import SimError
-from .qdict import to_json
+from .qjson import dumps as to_json
 
 SECTOR = 512
 NODE_NAME_MAX = 31
@@ -756,12 +756,8 @@ class Qcow2Node(Node):
         self.fmt.flush()
 
     def _drv_block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
-        out = []
-        for ext in self.fmt.block_status(offset, length):
-            o, n, kind = ext[0], ext[1], ext[2]
-            out.append((o, n, {"data": DATA, "zero": ZERO}.get(str(kind).lower(), UNALLOCATED)
-                        if isinstance(kind, str) else _kind_name(kind)))
-        return out
+        # ExtentKind is a StrEnum whose words are DATA / ZERO / UNALLOCATED
+        return [(e.offset, e.length, str(e.kind)) for e in self.fmt.block_status(offset, length)]
 
     def close(self) -> None:
         if not self.closed:
@@ -784,15 +780,6 @@ def reads_as_zero(node: Node, offset: int, length: int) -> bool:
         if o < blen and not reads_as_zero(below, o, min(n, blen - o)):
             return False
     return True
-
-
-def _kind_name(kind: Any) -> str:
-    name = getattr(kind, "name", str(kind)).lower()
-    if name.startswith("data"):
-        return DATA
-    if name.startswith("zero"):
-        return ZERO
-    return UNALLOCATED
 
 
 class BlockBackend:

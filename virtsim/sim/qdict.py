@@ -40,22 +40,3 @@ def qdict_order(d: dict[str, Any]) -> dict[str, Any]:
 
 
 _ORDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
-
-
-def qdict_order_deep(value: Any) -> Any:
-    """Apply :func:`qdict_order` to every dictionary inside ``value``."""
-    if isinstance(value, dict):
-        return qdict_order({k: qdict_order_deep(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return [qdict_order_deep(v) for v in value]
-    return value
-
-
-def to_json(value: Any) -> str:
-    """QEMU's JSON writer (``", "``/``": "`` separators, QDict key order, ASCII output with
-    upper-case ``\\uXXXX``), as used for ``json:{...}`` pseudo-filenames."""
-    import json
-    import re
-
-    text = json.dumps(qdict_order_deep(value), separators=(", ", ": "), ensure_ascii=True)
-    return re.sub(r"\\u([0-9a-f]{4})", lambda m: "\\u" + m.group(1).upper(), text)

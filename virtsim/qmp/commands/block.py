@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ...sim.errors import SimError
 from . import command
 
 if TYPE_CHECKING:
@@ -44,9 +43,6 @@ def query_block(emu: Emulator, args: dict[str, Any]) -> Any:
         out.append(info)
     return out
 
-
-def _unused(_: SimError) -> None:  # keep the import for handlers added later
-    return None
 
 
 @command("device_add")
