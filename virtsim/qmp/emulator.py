@@ -294,16 +294,11 @@ class Emulator:
             shared |= P.WRITE
         if drive_blk is not None:
             # a -drive BlockBackend gets attached to the device: it keeps its name
-            edge = drive_blk.root_edge
-            assert edge is not None
-            others = [e.edge_perms() for e in node.parents if e is not edge]
-            P.check_conflicts(others, P.EdgePerms(perm, shared, drive_blk.describe(),
-                                                  node.node_name, "root"))
-            edge.perm, edge.shared = perm, shared
+            assert drive_blk.root_edge is not None
+            self.graph.update_perms(drive_blk.root_edge, perm, shared)
             drive_blk.qdev = qdev
             drive_blk.removable = False
             drive_blk.has_device = True
-            self.graph._refresh_child_perms(node)
             blk = drive_blk
         else:
             blk = BlockBackend(self.graph, "", qdev, read_only=ro)

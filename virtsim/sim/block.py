@@ -909,6 +909,21 @@ class BlockGraph:
             raise
         return edge
 
+    def update_perms(self, edge: Edge, perm: int, shared: int) -> None:
+        """bdrv_child_try_set_perm: change what an existing parent holds (a device taking
+        over a -drive, qemu-io asking for write), QEMU's conflict text if it cannot."""
+        others = [e.edge_perms() for e in edge.child.parents if e is not edge]
+        P.check_conflicts(others, P.EdgePerms(perm, shared, edge.parent.describe(),
+                                              edge.child.node_name, edge.role))
+        old = edge.perm, edge.shared
+        edge.perm, edge.shared = perm, shared
+        try:
+            self._refresh_child_perms(edge.child)
+        except SimError:
+            edge.perm, edge.shared = old
+            self._refresh_child_perms(edge.child)
+            raise
+
     def detach(self, edge: Edge) -> None:
         child = edge.child
         if edge in child.parents:

@@ -85,14 +85,10 @@ def _qemu_io(emu: Emulator, line: str) -> str:
             return "Block node is read-only"
         if temp is not None and temp.root_edge is not None:
             edge = temp.root_edge
-            others = [e.edge_perms() for e in node.parents if e is not edge]
-            want = P.EdgePerms(edge.perm | P.WRITE, edge.shared, temp.describe(),
-                               node.node_name, "root")
             try:
-                P.check_conflicts(others, want)
+                emu.graph.update_perms(edge, edge.perm | P.WRITE, edge.shared)
             except SimError as e:
                 return e.desc
-            edge.perm |= P.WRITE
         return None
 
     try:
