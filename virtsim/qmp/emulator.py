@@ -52,6 +52,9 @@ class Emulator:
         self.buses: dict[str, str] = self._machine_buses()  # bus name -> PCI/IDE/SCSI
         self._anon_devices = 0
         self.servers: list[Any] = []
+        self.nbd_server: Any = None                   # virtsim.nbd.server.NbdServer
+        self.block_exports: dict[str, Any] = {}       # export id -> NbdExport, by age
+        self.objects: dict[str, Any] = {}             # object-add id -> QomObject
         self.quit_event: asyncio.Event | None = None  # made by start(), inside the loop
         self._quitting = False
         self.in_command = False
@@ -379,6 +382,10 @@ class Emulator:
             with contextlib.suppress(BaseException):
                 await self._job_task
             self._job_task = None
+        if self.nbd_server is not None or self.block_exports:
+            from .commands.nbd import stop_server
+
+            stop_server(self)
         for srv in self.servers:
             await srv.close()
         self.servers.clear()

@@ -21,7 +21,9 @@ from . import perm as P
 from .backup import _BLOCK_SIZE_WARNING, DEFAULT_CLUSTER, CbwNode, _touches_files
 from .bitmap import DirtyBitmap
 from .block import BlockGraph, DriverSpec, Node, register_driver
+from .blockstatus import status_above
 from .errors import SimError
+from .image.extent import DATA, ZERO
 
 _ON_CBW_ERROR = ("break-guest-write", "break-snapshot")
 
@@ -147,6 +149,25 @@ class CbwFilterNode(CbwNode):
             pos = stop
         return bytes(out)
 
+    def snapshot_block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
+        """cbw_co_snapshot_block_status: copied clusters answer from the target, the
+        others from the source; outside the access bitmap it fails like a read."""
+        assert self.access_bitmap is not None and self.done_bitmap is not None
+        if self.snapshot_broken or self.access_bitmap.next_clean(offset, length) is not None:
+            raise OSError(errno.EACCES, "Permission denied")
+        out: list[tuple[int, int, str]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            copied = self.done_bitmap.is_dirty(pos)
+            nxt = (self.done_bitmap.next_clean if copied else self.done_bitmap.next_dirty)(
+                pos, end - pos)
+            stop = end if nxt is None else nxt
+            for st in status_above(self.target if copied else self.source, pos, stop - pos):
+                out.append((pos, st.length, DATA if st.data else ZERO))
+                pos += st.length
+            pos = stop
+        return out
+
     def close(self) -> None:
         if self.copy_bitmap in self._source.bitmaps:
             self._source.bitmaps.remove(self.copy_bitmap)
@@ -196,6 +217,11 @@ class SnapshotAccessNode(Node):
 
     def _drv_write(self, offset: int, data: bytes) -> None:
         raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    def _drv_block_status(self, offset: int, length: int) -> list[tuple[int, int, str]]:
+        if not isinstance(self.cbw, CbwFilterNode):
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+        return self.cbw.snapshot_block_status(offset, length)
 
 
 def _precheck_cbw(options: dict[str, Any]) -> None:

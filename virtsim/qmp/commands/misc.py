@@ -66,9 +66,4 @@ def migrate_pause(emu: Emulator, args: dict[str, Any]) -> Any:
     raise SimError("migrate-pause is currently only supported during postcopy-active state")
 
 
-@command("query-block-exports")
-def query_block_exports(emu: Emulator, args: dict[str, Any]) -> Any:
-    return []
-
-
 assert "quit" in REGISTRY

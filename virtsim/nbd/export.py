@@ -1,0 +1,124 @@
+"""An NBD export over a block node: what ``protocol.ServerConnection`` reads and writes.
+
+QEMU's ``NBDExport`` on top of a BlockBackend: the size is the node's length rounded
+down to 512, the transmission flags follow ``nbd_export_create``, reads and block status
+go through the node's whole chain (a fleecing scratch image falls through to the live
+disk), and each exported dirty bitmap becomes a ``qemu:dirty-bitmap:NAME`` context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..sim.blockstatus import status_above
+from . import wire as W
+
+if TYPE_CHECKING:
+    from ..sim.bitmap import DirtyBitmap
+    from ..sim.block import Edge, Node
+
+Buffer = bytes | bytearray | memoryview
+
+#: the largest request a file-backed node takes in one go (blk_get_max_transfer: no limit)
+_MAX_TRANSFER = 0x7FFFFFFF
+
+
+def export_flags(writable: bool, multi_conn: bool) -> int:
+    """``nbd_export_create``'s flags (SEND_DF is added per client with structured replies):
+    0x50f read-only, 0xd6d writable, CAN_MULTI_CONN unless max-connections is 1."""
+    flags = W.TF_HAS_FLAGS | W.TF_SEND_FLUSH | W.TF_SEND_FUA | W.TF_SEND_CACHE
+    if multi_conn:
+        flags |= W.TF_CAN_MULTI_CONN
+    if writable:
+        flags |= W.TF_SEND_TRIM | W.TF_SEND_WRITE_ZEROES | W.TF_SEND_FAST_ZERO
+    else:
+        flags |= W.TF_READ_ONLY
+    return flags
+
+
+class NbdExport:
+    """One NBD export (the block-export ``id`` is kept by the QMP layer's registry)."""
+
+    def __init__(self, *, export_id: str, name: str, description: str | None,
+                 node: Node, edge: Edge | None, writable: bool, multi_conn: bool,
+                 bitmaps: list[DirtyBitmap], bitmap_names: list[str],
+                 allocation_depth: bool) -> None:
+        self.id = export_id
+        self.name = name
+        self.description = description
+        self.node = node
+        self.edge = edge
+        self.writable = writable
+        self.size = node.length() // 512 * 512
+        self.nbdflags = export_flags(writable, multi_conn)
+        self.bitmaps = bitmaps
+        self.bitmap_names = bitmap_names
+        self.allocation_depth = allocation_depth
+        #: connected clients (anything with ``close()``); each holds a reference
+        self.clients: set[Any] = set()
+        self.shutting_down = False
+        #: called before every read (seam for scenarios that act "at an NBD read")
+        self.read_hooks: list[Callable[[NbdExport, int, int], None]] = []
+
+    # ----- Export protocol --------------------------------------------------------------
+    def request_alignment(self) -> int:
+        return 1
+
+    def max_transfer(self) -> int:
+        return _MAX_TRANSFER
+
+    def read(self, offset: int, length: int) -> Buffer:
+        for hook in self.read_hooks:
+            hook(self, offset, length)
+        return self.node.read(offset, length)
+
+    def read_map(self, offset: int, length: int) -> Iterator[tuple[int, bool]]:
+        for st in status_above(self.node, offset, length):
+            yield st.length, st.zero
+
+    def status_runs(self, context_id: int, offset: int,
+                    length: int) -> Iterator[tuple[int, int]]:
+        if context_id == W.META_ID_BASE_ALLOCATION:
+            for st in status_above(self.node, offset, length):
+                yield st.length, ((0 if st.data else W.STATE_HOLE)
+                                  | (W.STATE_ZERO if st.zero else 0))
+        elif context_id == W.META_ID_ALLOCATION_DEPTH:
+            for st in status_above(self.node, offset, length):
+                yield st.length, st.depth if st.allocated else 0
+        else:
+            yield from _bitmap_runs(self.bitmaps[context_id - W.META_ID_DIRTY_BITMAP],
+                                    offset, length)
+
+    def write(self, offset: int, data: Buffer, fua: bool) -> None:
+        self.node.write(offset, bytes(data))
+        if fua:
+            self.node.flush()
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
+                     fast: bool) -> None:
+        # zeroing is always cheap here, so FAST_ZERO never has to fail
+        self.node.write_zeroes(offset, length, unmap=may_unmap)
+        if fua:
+            self.node.flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        self.node.discard(offset, length)
+
+    def flush(self) -> None:
+        self.node.flush()
+
+    def cache(self, offset: int, length: int) -> None:
+        return None
+
+
+def _bitmap_runs(bm: DirtyBitmap, offset: int, length: int) -> Iterator[tuple[int, int]]:
+    """``bitmap_to_extents``: alternating clean/dirty runs (1 = dirty)."""
+    pos, end = offset, offset + length
+    for off, n in bm.dirty_extents(offset, length):
+        if off > pos:
+            yield off - pos, 0
+        yield n, W.STATE_DIRTY
+        pos = off + n
+    if end > pos:
+        yield end - pos, 0
