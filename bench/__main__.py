@@ -318,17 +318,24 @@ def bench_backup() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def bench_nbd_server() -> None:
+    from bench.nbd import bench_nbd
+
+    assert QEMU and VIRTSIM_QEMU
+    bench_nbd(QEMU, VIRTSIM_QEMU, with_process, RawQmp, report)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="bench")
-    ap.add_argument("only", nargs="*", help="qmp start memory bitmap")
+    ap.add_argument("only", nargs="*", help="qmp start memory bitmap backup nbd")
     ns = ap.parse_args()
     todo: dict[str, Callable[[], None]] = {"qmp": bench_qmp, "start": bench_start,
                                            "memory": bench_memory, "bitmap": bench_bitmap,
-                                           "backup": bench_backup}
+                                           "backup": bench_backup, "nbd": bench_nbd_server}
     for name, fn in todo.items():
         if ns.only and name not in ns.only:
             continue
-        if name in ("qmp", "start", "backup") and not (QEMU and VIRTSIM_QEMU):
+        if name in ("qmp", "start", "backup", "nbd") and not (QEMU and VIRTSIM_QEMU):
             print(f"{name}: skipped (needs qemu-system-x86_64 and virtsim-qemu)")
             continue
         fn()
