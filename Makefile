@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 qemu-utils nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd \
-                python3-venv python3-pip gnutls-bin
+                python3-libvirt python3-venv python3-pip gnutls-bin
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench lint clean
@@ -12,7 +12,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v nbdinfo >/dev/null \
-	    || ! /usr/bin/python3 -c 'import nbd, venv, ensurepip' 2>/dev/null \
+	    || ! /usr/bin/python3 -c 'import nbd, libvirt, venv, ensurepip' 2>/dev/null \
 	    || ! command -v certtool >/dev/null || ! command -v nbdkit >/dev/null; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); \
 	fi
