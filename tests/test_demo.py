@@ -16,4 +16,4 @@ def test_demo_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "DEMO PASSED" in out
-    assert out.count("Images are identical.") == 2
+    assert out.count("Images are identical.") == 4

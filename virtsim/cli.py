@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -18,176 +16,205 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _bitmap_line(node: dict[str, Any]) -> str:
-    rows = []
-    for bm in node.get("dirty-bitmaps", []):
-        if "name" not in bm:
-            continue
-        state = "recording" if bm["recording"] else "disabled"
-        rows.append(f"      {bm['name']:<8} dirty={bm['count']:>9} bytes  "
-                    f"granularity={bm['granularity']}  {state}"
-                    f"{'  persistent' if bm['persistent'] else ''}")
-    return "\n".join(rows) or "      (no bitmaps)"
+DOMAIN_XML = """<domain type='kvm'>
+  <name>demo</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>"""
 
 
-class Demo:
-    """Drives an embedded emulator over QMP exactly as a backup tool would."""
+class ApiDemo:
+    """The four backup flows through the libvirt-shaped API, each verified."""
 
-    def __init__(self, qmp: Any, workdir: str) -> None:
-        self.qmp = qmp
+    def __init__(self, workdir: str, uri: str) -> None:
+        import virtsim.api as libvirt
+
+        self.lv = libvirt
         self.workdir = workdir
+        self.uri = uri
         self.t0 = time.monotonic()
         self.ok = True
+        self.disk = self.path("vda.qcow2")
+        self.qemu_img = shutil.which("qemu-img") or "qemu-img"
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
 
-    async def run(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        return await self.qmp.execute(cmd, args or {})
+    def t(self) -> str:
+        return f"{time.monotonic() - self.t0:7.3f}s"
 
-    async def guest(self, cmd: str) -> None:
-        await self.run("human-monitor-command",
-                       {"command-line": f'qemu-io -d /machine/peripheral/vd0/virtio-backend '
-                                        f'"{cmd}"'})
-        _say(f"   guest: {cmd}")
+    def guest(self, dom: Any, cmd: str) -> None:
+        self.lv.qemuMonitorCommand(
+            dom, f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{cmd}"',
+            self.lv.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        _say(f"   {self.t()}  guest: {cmd}")
 
-    async def bitmaps(self) -> str:
-        nodes = await self.run("query-named-block-nodes", {"flat": True})
-        return _bitmap_line(next(n for n in nodes if n["node-name"] == "disk0"))
-
-    async def backup(self, listener: Any, title: str, actions: list[dict[str, Any]],
-                     job: str) -> None:
-        """Run a transaction that starts a backup job; print its events as a timeline."""
-        _say(f"{title}")
-        listener.clear()
-        await self.run("transaction", {"actions": actions})
-        while True:
-            ev = await listener.get()
-            t = time.monotonic() - self.t0
-            data = ev.get("data", {})
-            if ev["event"] == "JOB_STATUS_CHANGE" and data.get("id") == job:
-                _say(f"   {t:7.3f}s  job {job}: {data['status']}")
-                if data["status"] == "null":
-                    return
-            elif ev["event"].startswith("BLOCK_JOB_") and data.get("device") == job:
-                err = f"  error={data['error']}" if "error" in data else ""
-                _say(f"   {t:7.3f}s  {ev['event']}  offset={data.get('offset')}/"
-                     f"{data.get('len')}{err}")
-                if "error" in data or ev["event"] == "BLOCK_JOB_CANCELLED":
-                    self.ok = False
+    def snapshot(self, name: str) -> str:
+        """The disk as it is now (what a backup started now must reproduce); the guest
+        flushes first so the image file holds its metadata for the outside reader."""
+        self.lv.qemuMonitorCommand(
+            self._dom, 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "flush"',
+            self.lv.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        out = self.path(name)
+        subprocess.run([self.qemu_img, "convert", "-U", "-O", "raw", self.disk, out],
+                       check=True)
+        return out
 
     def compare(self, what: str, a: str, b: str) -> None:
-        """Verify with the real qemu-img (shared read while the emulator holds the disk)."""
-        qemu_img = shutil.which("qemu-img")
-        if qemu_img is None:
-            _say(f"   (qemu-img not installed: cannot verify {what})")
-            return
-        res = subprocess.run([qemu_img, "compare", "-U", a, b], capture_output=True,
+        res = subprocess.run([self.qemu_img, "compare", "-U", a, b], capture_output=True,
                              text=True)
-        verdict = "identical" if res.returncode == 0 else "DIFFERENT"
-        _say(f"   verify {what}: qemu-img compare -> {res.stdout.strip() or verdict}")
+        _say(f"   verify {what}: qemu-img compare -> "
+             f"{res.stdout.strip() or res.stderr.strip()}")
         if res.returncode != 0:
             self.ok = False
 
+    def wait_completed(self, events: list[Any], dom: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + 60
+        last = -1
+        while not events and time.monotonic() < deadline:
+            st = dom.jobStats()
+            done = st.get("disk_processed", st.get("disk_temp_used"))
+            if done is not None and done != last:
+                total = st.get("disk_total", st.get("disk_temp_total"))
+                _say(f"   {self.t()}  jobStats: {done}/{total} bytes")
+                last = done
+            time.sleep(0.01)
+        params: dict[str, Any] = events.pop(0) if events else {}
+        _say(f"   {self.t()}  JOB_COMPLETED: success={params.get('success')} "
+             f"elapsed={params.get('time_elapsed')} ms"
+             + (f" errmsg={params['errmsg']!r}" if "errmsg" in params else ""))
+        return params
 
-async def demo(workdir: str) -> int:
-    """A guest disk with a persistent dirty bitmap; a verified full and incremental push
-    backup; the bitmap persisted in the qcow2 image (checked by the real qemu-img)."""
-    from qemu.qmp import EventListener, QMPClient
-
-    from .qmp.emulator import DeviceSpec, EmulatorConfig, embedded
-    from .sim.image.qcow2 import Qcow2Format
-    from .sim.image.store import FileStore
-
-    size = 64 << 20
-    disk = os.path.join(workdir, "disk0.qcow2")
-
-    def qcow2(path: str, backing: str | None = None) -> None:
-        open(path, "wb").close()
-        store = FileStore(path, readonly=False)
-        Qcow2Format.create(store, size, backing_file=backing,
-                           backing_fmt="qcow2" if backing else None).close()
-
-    qcow2(disk)
-    cfg = EmulatorConfig(machine="pc", start_paused=True, echo_qemu_io=False, blockdevs=[
-        {"driver": "file", "node-name": "disk0-file", "filename": disk},
-        {"driver": "qcow2", "node-name": "disk0", "file": "disk0-file"}],
-        devices=[DeviceSpec("virtio-blk-pci", "vd0", "disk0")])
-    _say(f"1. virtsim wrote a 64 MiB qcow2 image ({disk}) and started an emulator with it as\n"
-         f"   a virtio-blk disk (like `virtsim-qemu -machine pc -blockdev ... -device "
-         f"virtio-blk-pci,...`)")
-    async with embedded(cfg) as emu:
-        qmp = QMPClient("virtsim-demo")
-        await qmp.connect(emu.qmp_address)
-        d = Demo(qmp, workdir)
-        listener = EventListener()
-        qmp.register_listener(listener)
+    def run(self) -> int:
+        lv = self.lv
+        subprocess.run([self.qemu_img, "create", "-q", "-f", "qcow2", self.disk, "64M"],
+                       check=True)
+        conn = lv.open(self.uri)
+        events: list[Any] = []
         try:
-            ver = await d.run("query-version")
-            q = ver["qemu"]
-            _say(f"2. QMP says QEMU {q['major']}.{q['minor']}.{q['micro']}; the guest writes "
-                 f"its disk through HMP qemu-io, as on a libvirt host")
-            await d.run("cont")
+            dom = conn.defineXML(DOMAIN_XML.format(disk=self.disk))
+            conn.domainEventRegisterAny(dom, lv.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
+                                        lambda c, d, p, o: events.append(p), None)
+            dom.create()
+            self._dom = dom
+            _say(f"1. {self.t()}  domain 'demo' defined and started on {self.uri} "
+                 f"(libvirt {conn.getLibVersion()}); its emulator speaks QMP only")
             for cmd in ("write -P 0x11 0 8M", "write -P 0x22 16M 4M", "write -P 0x33 40M 1M"):
-                await d.guest(cmd)
+                self.guest(dom, cmd)
 
-            full = d.path("full.qcow2")
-            qcow2(full)
-            await d.run("blockdev-add", {"driver": "qcow2", "node-name": "full",
-                                         "file": {"driver": "file", "filename": full}})
-            await d.backup(listener, "3. full push backup + a new checkpoint bitmap, in one "
-                           "transaction:", [
-                               {"type": "block-dirty-bitmap-add",
-                                "data": {"node": "disk0", "name": "chk1", "persistent": True}},
-                               {"type": "blockdev-backup",
-                                "data": {"job-id": "full", "device": "disk0", "target": "full",
-                                         "sync": "full"}}], "full")
-            await d.run("blockdev-del", {"node-name": "full"})
-            await d.guest("flush")  # the live image's metadata on disk, for qemu-img -U
-            d.compare("full backup == disk now", full, disk)
+            _say("2. push FULL backup with checkpoint c1 (one QMP transaction):")
+            snap = self.snapshot("at-c1.raw")
+            dom.backupBegin(f"<domainbackup><disks><disk name='vda' type='file'>"
+                            f"<target file='{self.path('full.qcow2')}'/>"
+                            f"<driver type='qcow2'/></disk></disks></domainbackup>",
+                            "<domaincheckpoint><name>c1</name></domaincheckpoint>")
+            self.guest(dom, "write -P 0x44 1M 64k")      # races the copy: must not show
+            self.wait_completed(events, dom)
+            self.compare("full backup == disk at c1", self.path("full.qcow2"), snap)
 
-            _say("4. guest writes after the checkpoint:")
-            _say(await d.bitmaps())
-            for cmd in ("write -P 0x44 1M 64k", "write -P 0x55 30M 2M", "write -z 40M 256k"):
-                await d.guest(cmd)
-            _say(await d.bitmaps())
+            self.guest(dom, "write -P 0x55 30M 2M")
+            self.guest(dom, "write -z 40M 256k")
+            _say("3. push INCREMENTAL backup since c1, with checkpoint c2:")
+            snap = self.snapshot("at-c2.raw")
+            inc = self.path("inc.qcow2")
+            dom.backupBegin(f"<domainbackup><incremental>c1</incremental><disks>"
+                            f"<disk name='vda' type='file'><target file='{inc}'/>"
+                            f"<driver type='qcow2'/></disk></disks></domainbackup>",
+                            "<domaincheckpoint><name>c2</name></domaincheckpoint>")
+            self.wait_completed(events, dom)
+            subprocess.run([self.qemu_img, "rebase", "-u", "-F", "qcow2", "-b",
+                            self.path("full.qcow2"), inc], check=True)
+            _say(f"   the incremental holds {os.stat(inc).st_blocks * 512 >> 10} KiB; "
+                 f"rebased onto the full backup:")
+            self.compare("full + incremental == disk at c2", inc, snap)
 
-            inc = d.path("inc1.qcow2")
-            qcow2(inc, backing=full)
-            await d.run("blockdev-add", {"driver": "qcow2", "node-name": "inc1", "backing": None,
-                                         "file": {"driver": "file", "filename": inc}})
-            await d.backup(listener, "5. incremental push backup of what chk1 recorded "
-                           "(sync=incremental, into an overlay on the full backup):", [
-                               {"type": "blockdev-backup",
-                                "data": {"job-id": "inc1", "device": "disk0", "target": "inc1",
-                                         "sync": "incremental", "bitmap": "chk1"}}], "inc1")
-            await d.run("blockdev-del", {"node-name": "inc1"})
-            sizes = {n: os.stat(d.path(n)).st_blocks * 512 for n in ("full.qcow2", "inc1.qcow2")}
-            _say(f"   on disk: full {sizes['full.qcow2'] >> 10} KiB, incremental "
-                 f"{sizes['inc1.qcow2'] >> 10} KiB; chk1 was cleared by the successful job:")
-            _say(await d.bitmaps())
-            await d.guest("flush")
-            d.compare("full + incremental chain == disk now", inc, disk)
-            await d.run("quit")
+            self.guest(dom, "write -P 0x66 2M 1M")
+            sock = self.path("nbd.sock")
+            _say("4. pull FULL backup with checkpoint c3: a scratch image fleeces the disk, "
+                 "NBD serves it")
+            snap = self.snapshot("at-c3.raw")
+            pull_xml = ("<domainbackup mode='pull'>{inc}<server transport='unix' "
+                        f"socket='{sock}'/><disks><disk name='vda' type='file'>"
+                        f"<scratch file='{self.path('scratch.qcow2')}'/></disk></disks>"
+                        "</domainbackup>")
+            dom.backupBegin(pull_xml.format(inc=""),
+                            "<domaincheckpoint><name>c3</name></domaincheckpoint>")
+            self.guest(dom, "write -P 0x77 0 4M")        # after the point in time
+            full_raw = self.path("pull-full.raw")
+            subprocess.run(["nbdcopy", f"nbd+unix:///vda?socket={sock}", full_raw],
+                           check=True)
+            _say(f"   {self.t()}  nbdcopy read the export into pull-full.raw")
+            dom.abortJob()
+            self.wait_completed(events, dom)
+            self.compare("pulled full == disk at c3", full_raw, snap)
+
+            self.guest(dom, "write -P 0x88 8M 128k")
+            _say("5. pull INCREMENTAL since c3 with checkpoint c4: only dirty blocks travel")
+            snap = self.snapshot("at-c4.raw")
+            dom.backupBegin(pull_xml.format(inc="<incremental>c3</incremental>"),
+                            "<domaincheckpoint><name>c4</name></domaincheckpoint>")
+            self.guest(dom, "write -P 0x99 8M 64k")      # after the point in time
+            moved = self.apply_dirty(f"nbd+unix:///vda?socket={sock}", full_raw)
+            _say(f"   {self.t()}  libnbd read {moved} dirty bytes through "
+                 f"qemu:dirty-bitmap:backup-vda and applied them to the full copy")
+            dom.abortJob()
+            self.wait_completed(events, dom)
+            self.compare("pulled full + incremental == disk at c4", full_raw, snap)
+            names = [c.getName() for c in dom.listAllCheckpoints(
+                lv.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)]
+            _say(f"6. checkpoints: {' -> '.join(names)}")
+            dom.destroy()
         finally:
-            await qmp.disconnect()
+            conn.close()
+        return 0 if self.ok else 1
 
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img:
-        info = json.loads(subprocess.run([qemu_img, "info", "--output=json", disk],
-                                         check=True, capture_output=True, text=True).stdout)
-        bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
-        _say("6. the emulator stored chk1 in the image's bitmaps extension; real qemu-img "
-             "sees: " + json.dumps(bitmaps))
-        for image in (disk, d.path("full.qcow2"), d.path("inc1.qcow2")):
-            chk = subprocess.run([qemu_img, "check", image], capture_output=True, text=True)
-            _say(f"   qemu-img check {os.path.basename(image)}: "
-                 + (chk.stdout.strip().splitlines() or ["?"])[0])
-            if chk.returncode != 0:
-                d.ok = False
-    _say("\nPull backups over NBD and the libvirt-shaped API arrive with the next issues.")
-    _say("DEMO " + ("PASSED" if d.ok else "FAILED"))
-    return 0 if d.ok else 1
+    @staticmethod
+    def apply_dirty(uri: str, target: str) -> int:
+        import nbd  # type: ignore[import-untyped]
+
+        h = nbd.NBD()
+        h.add_meta_context("qemu:dirty-bitmap:backup-vda")
+        h.connect_uri(uri)
+        size = h.get_size()
+        dirty: list[tuple[int, int]] = []
+        pos = 0
+
+        def cb(ctx: str, off: int, entries: list[int], err: Any) -> int:
+            nonlocal pos
+            for i in range(0, len(entries), 2):
+                if entries[i + 1] & 1:
+                    dirty.append((pos, entries[i]))
+                pos += entries[i]
+            return 0
+
+        while pos < size:
+            h.block_status(min(size - pos, 1 << 30), pos, cb)
+        moved = 0
+        with open(target, "r+b") as f:
+            for off, n in dirty:
+                f.seek(off)
+                f.write(h.pread(n, off))
+                moved += n
+        h.shutdown()
+        return moved
+
+
+def demo(workdir: str, uri: str = "virtsim:///embedded") -> int:
+    """Push full, push incremental, pull full (nbdcopy), pull incremental (dirty-bitmap
+    context), each verified with qemu-img compare against the disk at that checkpoint."""
+    d = ApiDemo(workdir, uri)
+    rc = d.run()
+    _say("DEMO " + ("PASSED" if rc == 0 else "FAILED"))
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_demo = sub.add_parser("demo", help="walk through what virtsim can do today")
     p_demo.add_argument("--keep", action="store_true", help="keep the work directory")
+    p_demo.add_argument("--uri", default="virtsim:///embedded",
+                        help="API URI, e.g. virtsim:///embedded?emulator=/usr/bin/"
+                             "qemu-system-x86_64 to run the same flows on real QEMU")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
         workdir = tempfile.mkdtemp(prefix="virtsim-demo-")
         try:
-            return asyncio.run(demo(workdir))
+            return demo(workdir, args.uri)
         finally:
             if args.keep:
                 _say(f"(kept {workdir})")
