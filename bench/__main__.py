@@ -325,17 +325,25 @@ def bench_nbd_server() -> None:
     bench_nbd(QEMU, VIRTSIM_QEMU, with_process, RawQmp, report)
 
 
+def bench_api_flow() -> None:
+    from bench.api import bench_api
+
+    assert VIRTSIM_QEMU
+    bench_api(VIRTSIM_QEMU, report)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="bench")
-    ap.add_argument("only", nargs="*", help="qmp start memory bitmap backup nbd")
+    ap.add_argument("only", nargs="*", help="qmp start memory bitmap backup nbd api")
     ns = ap.parse_args()
     todo: dict[str, Callable[[], None]] = {"qmp": bench_qmp, "start": bench_start,
                                            "memory": bench_memory, "bitmap": bench_bitmap,
-                                           "backup": bench_backup, "nbd": bench_nbd_server}
+                                           "backup": bench_backup, "nbd": bench_nbd_server,
+                                           "api": bench_api_flow}
     for name, fn in todo.items():
         if ns.only and name not in ns.only:
             continue
-        if name in ("qmp", "start", "backup", "nbd") and not (QEMU and VIRTSIM_QEMU):
+        if name in ("qmp", "start", "backup", "nbd", "api") and not (QEMU and VIRTSIM_QEMU):
             print(f"{name}: skipped (needs qemu-system-x86_64 and virtsim-qemu)")
             continue
         fn()

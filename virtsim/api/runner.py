@@ -17,11 +17,21 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where available: embedded emulators serve NBD data from this loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
 class LoopThread:
     """An event loop running in a daemon thread, with a callback dispatcher beside it."""
 
     def __init__(self, name: str = "virtsim-api") -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
