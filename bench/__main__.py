@@ -318,6 +318,38 @@ def bench_backup() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def bench_jobs() -> None:
+    """100 throttled backup jobs at once: the loop must stay responsive (<= 2x idle RT)."""
+    assert VIRTSIM_QEMU and QEMU
+    n, rts = 100, 200
+
+    def rt(q: RawQmp) -> float:
+        t0 = time.perf_counter()
+        for _ in range(rts):
+            q.cmd("query-version")
+        return time.perf_counter() - t0
+
+    def run(path: str) -> float:
+        q = RawQmp(path)
+        rt(q)                      # warm up (lazy imports, caches)
+        idle = rt(q)
+        for i in range(n):
+            for role in ("s", "t"):
+                q.cmd("blockdev-add", {"driver": "null-co", "node-name": f"{role}{i}",
+                                       "size": 1 << 30})
+        for i in range(n):
+            q.cmd("blockdev-backup", {"job-id": f"j{i}", "device": f"s{i}",
+                                      "target": f"t{i}", "sync": "full", "speed": 1 << 20})
+        busy = rt(q)
+        q.sock.close()
+        return busy / idle
+
+    ours = with_process([VIRTSIM_QEMU], run)
+    real = with_process([QEMU], run)
+    report("QMP RT with 100 throttled jobs / idle RT", f"{ours:.2f}x", f"{real:.2f}x", None,
+           "<= 2x idle", ours <= 2.0)
+
+
 def bench_nbd_server() -> None:
     from bench.nbd import bench_nbd
 
@@ -334,16 +366,17 @@ def bench_api_flow() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(prog="bench")
-    ap.add_argument("only", nargs="*", help="qmp start memory bitmap backup nbd api")
+    ap.add_argument("only", nargs="*", help="qmp start memory bitmap backup nbd api jobs")
     ns = ap.parse_args()
     todo: dict[str, Callable[[], None]] = {"qmp": bench_qmp, "start": bench_start,
                                            "memory": bench_memory, "bitmap": bench_bitmap,
                                            "backup": bench_backup, "nbd": bench_nbd_server,
-                                           "api": bench_api_flow}
+                                           "api": bench_api_flow,
+                                           "jobs": bench_jobs}
     for name, fn in todo.items():
         if ns.only and name not in ns.only:
             continue
-        if name in ("qmp", "start", "backup", "nbd", "api") and not (QEMU and VIRTSIM_QEMU):
+        if name in ("qmp", "start", "backup", "nbd", "api", "jobs") and not (QEMU and VIRTSIM_QEMU):
             print(f"{name}: skipped (needs qemu-system-x86_64 and virtsim-qemu)")
             continue
         fn()
