@@ -191,7 +191,7 @@ class NbdClientProtocol(asyncio.Protocol):
     # ----- asyncio callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        transport.set_write_buffer_limits(high=_HIGH_WATER)
+        transport.set_write_buffer_limits(high=_HIGH_WATER)  # type: ignore[attr-defined]
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_MAX_SECS,
                                                             self._handshake_timeout)
         self._flush()

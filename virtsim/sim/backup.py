@@ -25,6 +25,7 @@ from .image.qcow2 import Qcow2Format
 from .image.store import FileStore
 from .job import BlockJob, Finished, JobManager, JobTxn, RateLimit, WorkResult
 from .transaction import ACTIONS, Action
+from .zeroes import is_zero
 
 #: block-copy's largest request when copy_range is off (BLOCK_COPY_MAX_BUFFER).
 MAX_CHUNK = 1 << 20
@@ -125,7 +126,7 @@ def _reaches(top: Node, node: Node) -> bool:
 
 
 def _is_zero(data: bytes) -> bool:
-    return not data.strip(b"\0")
+    return is_zero(data)
 
 
 class BackupJob(BlockJob):

@@ -24,6 +24,7 @@ from .block import BlockGraph, DriverSpec, Node, register_driver
 from .blockstatus import status_above
 from .errors import SimError
 from .image.extent import DATA, ZERO
+from .zeroes import is_zero
 
 _ON_CBW_ERROR = ("break-guest-write", "break-snapshot")
 
@@ -101,7 +102,7 @@ class CbwFilterNode(CbwNode):
             for off, n in list(self.copy_bitmap.dirty_extents(start, end - start)):
                 try:
                     data = self.source.read(off, n)
-                    if data.strip(b"\0"):
+                    if not is_zero(data):
                         self.target.write(off, data)
                     else:
                         self.target.write_zeroes(off, n)
