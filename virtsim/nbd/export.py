@@ -8,6 +8,7 @@ disk), and each exported dirty bitmap becomes a ``qemu:dirty-bitmap:NAME`` conte
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,7 @@ class NbdExport:
         #: connected clients (anything with ``close()``); each holds a reference
         self.clients: set[Any] = set()
         self.shutting_down = False
+        self._bm_ranges: dict[int, tuple[list[int], list[int]]] = {}
         #: called before every read (seam for scenarios that act "at an NBD read")
         self.read_hooks: list[Callable[[NbdExport, int, int], None]] = []
 
@@ -87,8 +89,35 @@ class NbdExport:
             for st in status_above(self.node, offset, length):
                 yield st.length, st.depth if st.allocated else 0
         else:
-            yield from _bitmap_runs(self.bitmaps[context_id - W.META_ID_DIRTY_BITMAP],
-                                    offset, length)
+            yield from self._bitmap_runs(context_id - W.META_ID_DIRTY_BITMAP, offset, length)
+
+    def _bitmap_runs(self, i: int, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """A disabled bitmap cannot change while exported (it is busy), so its dirty
+        ranges are listed once and each request only slices them."""
+        bm = self.bitmaps[i]
+        if bm.enabled:
+            yield from _bitmap_runs(bm, offset, length)
+            return
+        cached = self._bm_ranges.get(i)
+        if cached is None:
+            starts: list[int] = []
+            ends: list[int] = []
+            for off, n in bm.dirty_extents(0, None):
+                starts.append(off)
+                ends.append(off + n)
+            cached = self._bm_ranges[i] = (starts, ends)
+        starts, ends = cached
+        pos, end = offset, offset + length
+        k = bisect.bisect_right(ends, pos)
+        while k < len(starts) and starts[k] < end:
+            a, b = max(starts[k], pos), min(ends[k], end)
+            if a > pos:
+                yield a - pos, 0
+            yield b - a, W.STATE_DIRTY
+            pos = b
+            k += 1
+        if end > pos:
+            yield end - pos, 0
 
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
         self.node.write(offset, bytes(data))
