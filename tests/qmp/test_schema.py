@@ -35,6 +35,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 CASES: list[tuple[str, dict[str, Any], str | None]] = [
     # --- commands without arguments, and the misc family
     ("query-status", {"x": 1}, "Parameter 'x' is unexpected"),
+    ("query-chardev", {"x": 1}, "Parameter 'x' is unexpected"),
     ("query-version", {"verbose": True}, "Parameter 'verbose' is unexpected"),
     ("query-block", {"x": None}, "Parameter 'x' is unexpected"),
     ("query-jobs", {"all": 1}, "Parameter 'all' is unexpected"),

@@ -9,6 +9,7 @@ disk), and each exported dirty bitmap becomes a ``qemu:dirty-bitmap:NAME`` conte
 from __future__ import annotations
 
 import bisect
+import errno
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -126,10 +127,29 @@ class NbdExport:
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool,
                      fast: bool) -> None:
-        # zeroing is always cheap here, so FAST_ZERO never has to fail
+        if fast and self._zeroing_needs_write(offset, length):
+            # BDRV_REQ_NO_FALLBACK: qcow2 cannot zero part of an allocated cluster
+            # without writing it, so QEMU refuses instead of being slow
+            raise OSError(errno.ENOTSUP, "Operation not supported")
         self.node.write_zeroes(offset, length, unmap=may_unmap)
         if fua:
             self.node.flush()
+
+    def _zeroing_needs_write(self, offset: int, length: int) -> bool:
+        cluster = self.node.cluster_size() if self.node.drv == "qcow2" else None
+        if not cluster or not length:
+            return False
+        end = offset + length
+        partial = []
+        if offset % cluster:
+            partial.append(offset // cluster * cluster)
+        if end % cluster:
+            partial.append(end // cluster * cluster)
+        for start in partial:
+            n = min(cluster, self.node.length() - start)
+            if any(kind == "data" for _o, _n, kind in self.node.block_status(start, n)):
+                return True
+        return False
 
     def trim(self, offset: int, length: int) -> None:
         self.node.discard(offset, length)

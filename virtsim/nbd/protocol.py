@@ -236,7 +236,7 @@ class ServerConnection:
 
     # ----- I/O surface ----------------------------------------------------------------------
     def receive_data(self, data: Buffer) -> None:
-        if self.state != "closed":
+        if self.state not in ("closed", "closing"):
             self._in += data
 
     def data_to_send(self) -> list[Buffer]:
@@ -247,6 +247,13 @@ class ServerConnection:
         """The transport is now TLS: negotiation starts over inside it."""
         self.tls_active = True
         self.state = "options"
+
+    def take_unread(self) -> bytes:
+        """Bytes received after NBD_OPT_STARTTLS: the start of the client's TLS handshake,
+        for the transport's TLS layer."""
+        data = bytes(self._in)
+        self._in.clear()
+        return data
 
     def next_event(self) -> Event | _NeedData:
         if self._pending:
@@ -301,15 +308,18 @@ class ServerConnection:
 
     def _option(self) -> Event | None:
         """Handle one whole option if buffered; None when more bytes are needed or after
-        an option that only produced replies."""
+        an option that only produced replies.  The header is checked field by field as
+        it arrives (QEMU drops a bad magic before the rest of the header is sent)."""
+        fail = "option negotiation failed: "
+        if len(self._in) < 8:
+            return None
+        if int.from_bytes(self._in[:8], "big") != W.IHAVEOPT:
+            raise _Fatal(fail + "Bad magic received")
         if len(self._in) < 16:
             return None
-        magic, opt, length = W.OPTION_HEADER.unpack_from(self._in)
-        fail = "option negotiation failed: "
-        if magic != W.IHAVEOPT:
-            raise _Fatal(fail + "Bad magic received")
+        _, opt, length = W.OPTION_HEADER.unpack_from(self._in)
         if length > W.MAX_BUFFER_SIZE:
-            raise _Fatal(fail + f"len ({length}) is larger than max len "
+            raise _Fatal(fail + f"len ({length} ) is larger than max len "
                                 f"({W.MAX_BUFFER_SIZE})")
         if self.tls_required and not self.tls_active:
             if not self.fixed_newstyle:
@@ -326,10 +336,61 @@ class ServerConnection:
         payload = self._take(length)
         rd = _OptReader(opt, payload)
         try:
-            return self._dispatch(opt, rd)
+            ev = self._dispatch(opt, rd)
         except _OptError as e:
             self._rep(opt, e.rep, e.msg.encode())
             return None
+        if rd.left and opt in (W.OPT_LIST_META_CONTEXT, W.OPT_SET_META_CONTEXT):
+            # QEMU's meta context parser stops after the last query: whatever follows
+            # in the option is read as the next option header
+            self._in[:0] = rd.buf[rd.pos:]
+        return ev
+
+    def _eof_text(self, error: str | None) -> str | None:
+        """What QEMU reports when the client hangs up here (``receive_eof``)."""
+        eof = error or "Unexpected end-of-file before all data were read"
+        fail = "option negotiation failed: "
+        if self.state == "client-flags":
+            return fail + "Failed to read flags: " + eof
+        if self.state == "options":
+            n = len(self._in)
+            if n < 8:
+                return fail + "Failed to read opts magic: " + eof
+            if n < 12:
+                return fail + "Failed to read option: " + eof
+            if n < 16:
+                return fail + "Failed to read option length: " + eof
+            opt = int.from_bytes(self._in[8:12], "big")
+            if opt == W.OPT_EXPORT_NAME and not self.tls_required:
+                return fail + "Failed to read export name: " + eof
+            return fail + eof
+        if self.state == "transmission":
+            # whole requests may still be buffered (the adapter stopped serving while
+            # its output was backed up): the cut is where the stream ends
+            pos, n = 0, len(self._in)
+            while n - pos >= 28:
+                _, _, typ, _, _, length = W.REQUEST.unpack_from(self._in, pos)
+                pos += 28
+                if typ == W.CMD_WRITE and length <= W.MAX_BUFFER_SIZE:
+                    if n - pos < length:
+                        return ("Disconnect client, due to: Failed to read CMD_WRITE "
+                                "data: " + eof)
+                    pos += length
+            if error is not None:
+                return "Disconnect client, due to: " + error
+            if pos == n:
+                return None
+            return ("Disconnect client, due to: Unexpected end-of-file before all bytes "
+                    "were read")
+        return None
+
+    def receive_eof(self, error: str | None = None) -> Closed | None:
+        """The client's stream ended: cleanly, or with the transport's read ``error``
+        (e.g. "Cannot read from TLS channel: Software caused connection abort", which
+        replaces the end-of-file text).  The Closed to act on; None once closed."""
+        if self.state == "closed":
+            return None
+        return self._close(self._eof_text(error))
 
     def _rep(self, opt: int, rep: int, payload: bytes = b"") -> None:
         self._out.append(W.OPTION_REPLY.pack(W.OPT_REPLY_MAGIC, opt, rep, len(payload))
@@ -406,7 +467,7 @@ class ServerConnection:
     def _info(self, opt: int, rd: _OptReader) -> Event | None:
         namelen = rd.u32()
         if namelen > W.MAX_STRING_SIZE:
-            raise _OptError(W.REP_ERR_INVALID, "name too long for qemu")
+            raise _OptError(W.REP_ERR_INVALID, f"Invalid name length: {namelen}")
         raw = rd.take(namelen, check_nul=True)
         name = raw.decode("utf-8", "surrogateescape")
         sendname = blocksize = False
@@ -468,8 +529,6 @@ class ServerConnection:
                     continue
                 query = rd.take(qlen, check_nul=True).decode("utf-8", "surrogateescape")
                 self._meta_query(meta, exp, query, listing)
-        if rd.left:
-            raise _reject_length(opt)
         names = []
         if meta.base_allocation:
             names.append((W.META_ID_BASE_ALLOCATION, "base:allocation"))
@@ -521,7 +580,11 @@ class ServerConnection:
             return NEED_DATA
         magic, flags, typ, handle, offset, length = W.REQUEST.unpack_from(self._in)
         if magic != W.REQUEST_MAGIC:
-            raise _Fatal(f"Disconnect client, due to: invalid magic (got 0x{magic:x})")
+            # Debian's 7.2 answers it (EINVAL, with the handle as sent), then hangs up
+            del self._in[:28]
+            self.state = "closing"
+            return Request(handle, typ, flags, offset, length, incomplete=True,
+                           error=(errno.EINVAL, f"invalid magic (got 0x{magic:x})"))
         if typ == W.CMD_DISC:
             return self._close(None)
         req = Request(handle, typ, flags, offset, length)
@@ -543,7 +606,7 @@ class ServerConnection:
         exp = self.export
         assert exp is not None
         if too_big:
-            return errno.EINVAL, (f"len ({req.length}) is larger than max len "
+            return errno.EINVAL, (f"len ({req.length} ) is larger than max len "
                                   f"({W.MAX_BUFFER_SIZE})")
         if exp.nbdflags & W.TF_READ_ONLY and req.type in (W.CMD_WRITE, W.CMD_WRITE_ZEROES,
                                                            W.CMD_TRIM):
@@ -720,8 +783,10 @@ class ServerConnection:
                 text = b"can't get block status"
                 payload = struct.pack(">IH", W.errno_to_wire(e.errno or errno.EIO),
                                       len(text)) + text
+                # QEMU 7.2 marks the error chunk DONE yet goes on with the remaining
+                # contexts: a client that asked for several sees chunks after DONE
                 self._chunk(W.REPLY_FLAG_DONE, W.REPLY_TYPE_ERROR, h, payload)
-                return
+                continue
             body = struct.pack(f">I{2 * len(extents)}I", cid,
                                *[v for ext in extents for v in ext])
             self._chunk(W.REPLY_FLAG_DONE if last else 0, W.REPLY_TYPE_BLOCK_STATUS, h, body)

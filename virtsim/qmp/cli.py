@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..sim.errors import SimError
-from .config import DeviceSpec, EmulatorConfig, MonitorSpec
+from .config import AgentChannelSpec, DeviceSpec, EmulatorConfig, MonitorSpec
 
 TYPE_CHECKING = False  # typing costs ~8 ms to import; virtsim-qemu starts without it
 if TYPE_CHECKING:
@@ -159,6 +159,10 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
     cfg = EmulatorConfig()
     proc: dict[str, Any] = {"daemonize": False, "pidfile": None}
     chardevs: dict[str, MonitorSpec] = {}
+    serial_buses: set[str] = set()     # virtio-serial buses created so far
+    used_chardevs: set[str] = set()    # chardevs a device or monitor already owns
+    serial_controllers: list[str] = []  # what QEMU says if there is no PCI bus for them
+    chardev_args: dict[str, str] = {}
     i = 0
 
     def need() -> str:
@@ -220,6 +224,8 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
             else:
                 chardevs[cid] = MonitorSpec("tcp", host=d.get("host") or "127.0.0.1",
                                             port=int(d.get("port") or 0))
+            chardevs[cid].label = cid
+            chardev_args[cid] = val
         elif opt == "mon":
             val = need()
             d = {k: v for k, v in split_opts(val)}
@@ -229,6 +235,7 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
             if d.get("mode", "readline") != "control":
                 raise UsageError(f"-mon {val}: virtsim supports mode=control monitors only")
             spec = chardevs[cid]
+            used_chardevs.add(cid)
             spec.pretty = d.get("pretty") in ("on", "true")
             cfg.monitors.append(spec)
         elif opt == "blockdev":
@@ -250,12 +257,12 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
             cfg.drives.append(drive)
         elif opt == "device":
             val = need()
-            kv = split_opts(val)
-            driver = kv[0][0] if kv[0][1] is None else (dict(kv).get("driver") or "")
-            props = {k: (v or "") for k, v in kv[1:]}
+            driver, props = _parse_device(val)
+            if driver in ("virtio-serial-pci", "virtio-serial", "virtserialport"):
+                _serial_device(cfg, val, driver, props, chardevs, serial_buses, used_chardevs,
+                               serial_controllers, chardev_args)
             # devices with nothing to simulate: accepted, not modelled
-            if driver not in ("virtio-serial-pci", "virtio-serial", "virtserialport",
-                              "pcie-root-port", "virtio-balloon-pci"):
+            elif driver not in ("pcie-root-port", "virtio-balloon-pci"):
                 props["_arg"] = val
                 cfg.devices.append(DeviceSpec(driver, props.get("id"), props.get("drive"),
                                               props))
@@ -263,6 +270,13 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
             proc["daemonize"] = True
         elif opt == "pidfile":
             proc["pidfile"] = need()
+        elif opt == "x-virtsim-guest-agent":
+            # on (default): the simulated guest runs qemu-ga and opens its port once the
+            # VM runs; off: the port stays closed, like a real QEMU with no guest OS
+            val = need()
+            if val not in ("on", "off"):
+                raise UsageError(f"-x-virtsim-guest-agent {val}: expected on or off")
+            cfg.guest_agent = val == "on"
         elif opt == "x-virtsim-seed":
             cfg.seed = int(need())
         elif opt == "x-virtsim-version":
@@ -284,7 +298,50 @@ def parse_args(argv: list[str]) -> tuple[EmulatorConfig, dict[str, Any]]:
         else:
             raise UsageError(f"{raw}: invalid option")
         i += 1
+    if serial_controllers and cfg.machine == "none":  # -machine counts wherever it stands
+        raise UsageError(serial_controllers[0])
     return cfg, proc
+
+
+def _parse_device(val: str) -> tuple[str, dict[str, str]]:
+    """-device as keyval (``driver,key=value``) or JSON (libvirt's form since 7.x)."""
+    if val.lstrip().startswith("{"):
+        obj = parse_json_option(val, "-device")
+        props = {k: ("on" if v is True else "off" if v is False else str(v))
+                 for k, v in obj.items() if k != "driver"}
+        return str(obj.get("driver") or ""), props
+    kv = split_opts(val)
+    driver = kv[0][0] if kv[0][1] is None else (dict(kv).get("driver") or "")
+    return driver, {k: (v or "") for k, v in kv[1:] if k != "driver"}
+
+
+def _serial_device(cfg: EmulatorConfig, val: str, driver: str, props: dict[str, str],
+                   chardevs: dict[str, MonitorSpec], buses: set[str], used: set[str],
+                   controllers: list[str], chardev_args: dict[str, str]) -> None:
+    """virtio-serial controllers and ports: only a guest agent port has a simulation
+    behind it (``virtsim.qmp.agent``); the checks and texts are QEMU's."""
+    if driver != "virtserialport":
+        buses.add(f"{props.get('id') or 'virtio-serial'}.0")
+        controllers.append(f"-device {val}: No 'PCI' bus found for device '{driver}'")
+        return
+    bus = props.get("bus")
+    if (bus is not None and bus not in buses) or not buses:
+        raise UsageError(f"-device {val}: Bus '{bus}' not found" if bus is not None else
+                         f"-device {val}: No 'virtio-serial-bus' bus found for device "
+                         f"'virtserialport'")
+    cid = props.get("chardev")
+    if cid is None:
+        return
+    if cid not in chardevs:
+        raise UsageError(f"-device {val}: Property 'virtserialport.chardev' can't find "
+                         f"value '{cid}'")
+    if cid in used:
+        raise UsageError(f"-device {val}: Property 'virtserialport.chardev' can't take "
+                         f"value '{cid}': Device '{cid}' is in use")
+    used.add(cid)
+    if props.get("name") == "org.qemu.guest_agent.0":
+        cfg.agent_channels.append(AgentChannelSpec(cid, chardevs[cid], props.get("id"),
+                                                   arg=chardev_args.get(cid, "")))
 
 
 def _daemonize() -> int:
@@ -559,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         proc["pidfile"] = os.path.abspath(proc["pidfile"])
     greeter = None
-    if (cfg.monitors and not (cfg.blockdevs or cfg.drives or cfg.devices)
+    if (cfg.monitors and not (cfg.blockdevs or cfg.drives or cfg.devices or cfg.agent_channels)
             and os.environ.get("VIRTSIM_EARLY_GREETING", "1") != "0"):
         greeting = greeting_bytes(cfg.version)
         if greeting is not None:

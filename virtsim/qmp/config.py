@@ -31,6 +31,7 @@ class MonitorSpec:
         self.pretty = pretty
         self.sock: socket.socket | None = None
         self.accepted: socket.socket | None = None
+        self.label: str | None = None  # the -chardev id, when the monitor came from one
 
     def __repr__(self) -> str:
         where = self.path if self.kind == "unix" else f"{self.host}:{self.port}"
@@ -48,6 +49,19 @@ class DeviceSpec:
         self.props = props if props is not None else {}
 
 
+class AgentChannelSpec:
+    """A ``virtserialport`` named ``org.qemu.guest_agent.0`` on a listening socket chardev:
+    the host end of the simulated guest's QEMU Guest Agent."""
+
+    def __init__(self, chardev: str, socket: MonitorSpec, port_id: str | None,
+                 name: str = "org.qemu.guest_agent.0", arg: str = "") -> None:
+        self.arg = arg  # the -chardev argument, for QEMU's error messages
+        self.chardev = chardev
+        self.socket = socket
+        self.port_id = port_id
+        self.name = name
+
+
 class EmulatorConfig:
     """Everything the command line (or an embedding test) decides about an emulator."""
 
@@ -57,7 +71,9 @@ class EmulatorConfig:
                  blockdevs: list[dict[str, Any]] | None = None,
                  drives: list[dict[str, str]] | None = None,
                  devices: list[DeviceSpec] | None = None, seed: int | None = None,
-                 echo_qemu_io: bool = True) -> None:
+                 echo_qemu_io: bool = True,
+                 agent_channels: list[AgentChannelSpec] | None = None,
+                 guest_agent: bool = True) -> None:
         self.name = name
         self.machine = machine
         self.start_paused = start_paused
@@ -69,3 +85,7 @@ class EmulatorConfig:
         self.devices = devices if devices is not None else []
         self.seed = seed
         self.echo_qemu_io = echo_qemu_io  # print qemu-io output on stdout, as QEMU does
+        self.agent_channels = agent_channels if agent_channels is not None else []
+        # whether the simulated guest runs an agent that opens its port once the VM runs
+        # (off: the channel exists but stays closed, like a real QEMU with no guest OS)
+        self.guest_agent = guest_agent

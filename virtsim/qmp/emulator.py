@@ -22,6 +22,7 @@ from .config import DEBIAN_VERSION, DeviceSpec, EmulatorConfig, MonitorSpec
 if TYPE_CHECKING:
     from ..sim.block import BlockBackend, BlockGraph, Node
     from ..sim.job import JobManager, JobRunner
+    from .agent import GuestAgent
 
 __all__ = ["DEBIAN_VERSION", "DeviceSpec", "Emulator", "EmulatorConfig", "MonitorSpec",
            "StartupError", "embedded"]
@@ -58,6 +59,11 @@ class Emulator:
         self.quit_event: asyncio.Event | None = None  # made by start(), inside the loop
         self._quitting = False
         self.in_command = False
+        self.agent: GuestAgent | None = None  # the guest's qemu-ga, if a channel exists
+        if self.config.agent_channels:
+            from .agent import GuestAgent
+
+            self.agent = GuestAgent(self, self.config.agent_channels[0])
         for opts in self.config.blockdevs:
             try:
                 self.graph.blockdev_add(self.check_blockdev_options(opts))
@@ -183,11 +189,15 @@ class Emulator:
         if self.run_state != "running":
             self.run_state = "running"
             self.bus.emit("RESUME", None)
+            if self.agent is not None:
+                self.agent.guest_state_changed()
 
     def stop_vm(self) -> None:
         if self.run_state == "running":
             self.run_state = "paused"
             self.bus.emit("STOP", None)
+            if self.agent is not None:
+                self.agent.guest_state_changed()
 
     def powerdown(self) -> None:
         self.bus.emit("POWERDOWN", None)
@@ -374,6 +384,9 @@ class Emulator:
             srv = MonitorServer(self, spec)
             await srv.start()
             self.servers.append(srv)
+        if self.agent is not None:
+            await self.agent.start()
+            self.agent.guest_state_changed()
 
     async def wait_quit(self) -> None:
         assert self.quit_event is not None
@@ -393,6 +406,8 @@ class Emulator:
             from .commands.nbd import stop_server
 
             stop_server(self)
+        if self.agent is not None:
+            await self.agent.close()
         for srv in self.servers:
             await srv.close()
         self.servers.clear()

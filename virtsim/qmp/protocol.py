@@ -135,6 +135,7 @@ class QmpServerProtocol:
         self._pending: deque[_Entry] = deque()
         self._pending_immediate = 0
         self._slots: dict[Request, _Entry] = {}
+        self._detached: set[Request] = set()
 
     # -- output ------------------------------------------------------------------------------
 
@@ -173,6 +174,25 @@ class QmpServerProtocol:
         if entry is None:
             raise RuntimeError(f"request {req.name!r} already answered or not from this monitor")
         entry.data = data
+        if req in self._detached:
+            self._detached.discard(req)
+            self._ready += data
+            return
+        self._release()
+
+    def detach(self, req: Request) -> None:
+        """Let later replies overtake ``req``, whose answer waits on the simulated guest
+        (a virtsim extension: in QEMU no in-band command waits on the guest)."""
+        entry = self._slots.get(req)
+        if entry is None or entry not in self._pending:
+            return
+        self._pending.remove(entry)
+        self._pending_immediate -= entry.immediate
+        self._detached.add(req)
+        self._release()
+
+    def _release(self) -> None:
+        """Write every queued entry that no longer waits for an unanswered one."""
         blocked_any = blocked_immediate = False
         kept: deque[_Entry] = deque()
         for item in self._pending:
@@ -216,6 +236,7 @@ class QmpServerProtocol:
         self._pending.clear()
         self._pending_immediate = 0
         self._slots.clear()
+        self._detached.clear()
 
     # -- input -------------------------------------------------------------------------------
 

@@ -258,4 +258,29 @@ class Session(asyncio.Protocol):
             traceback.print_exc()
             self.core.send_error(req, "GenericError", f"virtsim internal error: {e}")
         else:
-            self.core.send_return(req, value)
+            if isinstance(value, asyncio.Future):
+                self._answer_later(req, value)
+            else:
+                self.core.send_return(req, value)
+
+    def _answer_later(self, req: Request, fut: asyncio.Future[Any]) -> None:
+        """A command whose work waits on the simulated guest (a guest write while the
+        guest agent has the filesystems frozen): answered when it is done, while the
+        monitor keeps serving (its later replies may overtake this one)."""
+        assert self.core is not None
+        core = self.core
+        core.detach(req)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if self.lost or core.closed or f.cancelled():
+                return
+            exc = f.exception()
+            if isinstance(exc, SimError):
+                core.send_error(req, exc.error_class, exc.desc)
+            elif exc is not None:
+                core.send_error(req, "GenericError", f"virtsim internal error: {exc}")
+            else:
+                core.send_return(req, f.result())
+            self._flush()
+
+        fut.add_done_callback(done)

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import perm as P
 from .bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT, DirtyBitmap, check_bitmap
-from .block import UNALLOCATED, BlockGraph, Edge, FileNode, Node, Qcow2Node, reads_as_zero
+from .block import DATA, UNALLOCATED, ZERO, BlockGraph, Edge, FileNode, Node, Qcow2Node
 from .errors import ImageError, SimError
 from .image.qcow2 import Qcow2Format
 from .image.store import FileStore
@@ -33,6 +33,9 @@ MAX_CHUNK = 1 << 20
 DEFAULT_CLUSTER = 65536
 #: Seconds between a job's last file request and its completion (see BackupJob.work).
 FILE_IO_LATENCY = 0.001
+#: Bytes per second file reads complete at (tmpfs-like): only decides how long a burst's
+#: requests stay in flight, which is what a cancel or the next command finds meanwhile.
+FILE_IO_BANDWIDTH = 2 << 30
 #: ``bdrv_op_is_blocked`` text a job puts on its nodes.
 JOB_BLOCKER = "block device is in use by block job: backup"
 
@@ -129,6 +132,24 @@ def _is_zero(data: bytes) -> bool:
     return is_zero(data)
 
 
+def _status_run(node: Node, offset: int, length: int) -> tuple[int, bool]:
+    """``bdrv_block_status_above(node, NULL)``: how far the status at ``offset`` lasts
+    (at most ``length``) and whether that run reads as zeroes."""
+    extents = node.block_status(offset, length)
+    if not extents:
+        return length, True
+    _o, n, kind = extents[0]
+    n = min(n, length)
+    if kind == DATA:
+        return n, False
+    if kind == ZERO:
+        return n, True
+    below = node.backing
+    if below is None or offset >= below.length():
+        return n, True
+    return _status_run(below, offset, min(n, below.length() - offset))
+
+
 class BackupJob(BlockJob):
     """One backup job: copies the clusters of its copy bitmap from source to target.
 
@@ -143,7 +164,8 @@ class BackupJob(BlockJob):
                  sync: str, sync_bitmap: DirtyBitmap | None, bitmap_mode: str | None,
                  speed: int = 0, on_source_error: str = "report",
                  on_target_error: str = "report", auto_finalize: bool = True,
-                 auto_dismiss: bool = True, filter_node_name: str | None = None) -> None:
+                 auto_dismiss: bool = True, filter_node_name: str | None = None,
+                 max_workers: int = 64) -> None:
         super().__init__(job_id, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.graph = graph
         self.source = source
@@ -156,6 +178,8 @@ class BackupJob(BlockJob):
         self.speed = speed
         self.len = source.length()
         self.cluster = max(target.cluster_size() or DEFAULT_CLUSTER, DEFAULT_CLUSTER)
+        #: x-perf max-workers: requests in flight at once (a burst's size)
+        self.max_workers = max_workers
         self.filter_node_name = filter_node_name
         self.filter: CbwNode | None = None
         self._filter_edge: Edge | None = None
@@ -171,6 +195,10 @@ class BackupJob(BlockJob):
         self._file_io = _touches_files(source) or _touches_files(target)
         self._settled = False
         self._pending_error: OSError | None = None
+        #: parked by an I/O error's ``stop`` action (see cancelled_step)
+        self._stopped = False
+        #: monotonic time at which the last burst's file requests have completed
+        self._in_flight_until = 0.0
 
     # ----- the filter --------------------------------------------------------------------
     def warn_block_size(self) -> bool:
@@ -254,20 +282,47 @@ class BackupJob(BlockJob):
             return
         start = offset // self.cluster * self.cluster
         end = min(self.len, -(-(offset + length) // self.cluster) * self.cluster)
+        # block_copy over the range: one request per status run and chunk, all in flight
+        # together; the failed ones stay dirty and fail the guest write
+        tasks: list[tuple[int, int, bool]] = []
         for off, n in list(bm.dirty_extents(start, end - start)):
-            self._copy(off, n)
-            bm.reset_dirty(off, n)
-            self.progress_update(n)
+            stop = off + n
+            while off < stop:
+                m, zero = self._task(off, min(stop - off, MAX_CHUNK))
+                tasks.append((off, m, zero))
+                off += m
+        for off, m, _zero in tasks:
+            bm.reset_dirty(off, m)
+        error = self._run_tasks(tasks)
+        if error is not None:
+            raise error
         if self.done_bitmap is not None:
             # QEMU marks the whole written range "done", copied now or before
             self.done_bitmap.set_dirty(start, end - start)
 
     # ----- copying -----------------------------------------------------------------------
-    def _copy(self, offset: int, length: int) -> None:
+    def _task(self, offset: int, length: int) -> tuple[int, bool]:
+        """block_copy_block_status: shrink a copy request to the run of one block status
+        at its start (cluster-aligned; a run shorter than a cluster, or a failed query,
+        gives one cluster copied as data).
+        Returns the request's length and whether it is written as zeroes."""
+        try:
+            run, zero = _status_run(self.source, offset, length)
+        except OSError:
+            run, zero = 0, False  # block status failed: one cluster, copied as data
+        if run < self.cluster:
+            return min(self.cluster, length), False
+        if offset + run >= self.len:
+            run = -(-run // self.cluster) * self.cluster
+        else:
+            run = run // self.cluster * self.cluster
+        return min(run, length), zero
+
+    def _copy(self, offset: int, length: int, zero: bool) -> None:
         """block_copy_do_copy: zeroes as write-zeroes, the rest as data (raises OSError
         with ``filename`` 'read'/'write' telling which side failed)."""
         try:
-            if reads_as_zero(self.source, offset, length):
+            if zero:
                 # block-copy asks block status first: known-zero areas are never read
                 data = b""
             else:
@@ -315,50 +370,131 @@ class BackupJob(BlockJob):
         cap = max(self.cluster, cap // self.cluster * self.cluster)
         return off, min(end - off, cap, self.len - off)
 
+    def _burst(self, limit: int | None) -> tuple[list[tuple[int, int, bool]], float]:
+        """block_copy_dirty_clusters up to its next yield: the requests it creates (their
+        clusters cleared) and the throttle's delay that ended the burst (0.0 if none).
+
+        QEMU creates requests until the throttle makes it sleep, the worker pool is full
+        or the pass reaches the end, and they only run once it yields: so every request of
+        a burst runs even when an earlier one fails, and a cancel waits for them all.
+        """
+        throttled = self.ratelimit is not None and bool(self.speed)
+        bm = self.copy_bitmap
+        assert bm is not None
+        tasks: list[tuple[int, int, bool]] = []
+        budget = limit
+        wait = 0.0
+        # a full pool: the next request is created before the loop waits for a slot
+        while len(tasks) <= self.max_workers and (budget is None or budget > 0):
+            if throttled:
+                assert self.ratelimit is not None
+                # woken early (a drain, a resume) or mid-burst: the throttle still holds
+                wait = self.ratelimit.delay(0)
+                if wait > 0:
+                    break
+            chunk = self._next_chunk(budget)
+            if chunk is None:
+                break
+            off, n = chunk
+            if tasks and off < self._cursor:
+                break  # the pass reached the end; the next one starts over at 0
+            n, zero = self._task(off, n)
+            bm.reset_dirty(off, n)
+            self._cursor = off + n
+            tasks.append((off, n, zero))
+            if budget is not None:
+                budget -= n
+            if throttled:
+                assert self.ratelimit is not None
+                self.ratelimit.delay(n)
+        return tasks, wait
+
+    def _run_tasks(self, tasks: list[tuple[int, int, bool]]) -> OSError | None:
+        """Run a burst's requests; a failed one re-dirties its clusters.  Returns the
+        first error."""
+        bm = self.copy_bitmap
+        assert bm is not None
+        error: OSError | None = None
+        for off, n, zero in tasks:
+            try:
+                self._copy(off, n, zero)
+            except OSError as e:
+                bm.set_dirty(off, n)
+                error = error or e
+                continue
+            self.progress_update(n)
+        return error
+
     def work(self, limit: int | None) -> WorkResult:
+        """One burst of requests; the job sees a failure (it re-dirtied only the failed
+        request's clusters) once the burst is over."""
         if not self._initialised:
             self._init_run()
+        self._stopped = False
         if self.sync == "none":
             return None  # copies happen only in the filter; runs until cancelled
-        if self.ratelimit is not None and self.speed:
-            # woken early (a drain, a resume): the throttle still holds
-            wait = self.ratelimit.delay(0)
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            return self._io_error(err)
+        tasks, wait = self._burst(limit)
+        if not tasks:
             if wait > 0:
                 return wait
-        chunk = self._next_chunk(limit)
-        if chunk is None:
             if self._file_io and not self._settled:
                 # the last file request completes through the main loop: QEMU replies to
                 # the command that started an unthrottled job before the job finishes
                 self._settled = True
                 return FILE_IO_LATENCY
             return Finished()
-        off, n = chunk
-        bm = self.copy_bitmap
-        assert bm is not None
-        try:
-            if self._pending_error is not None:
-                raise self._pending_error
-            self._copy(off, n)
-        except OSError as e:
-            if self._file_io and self._pending_error is None:
-                # a failed file request, too, completes through the main loop
-                self._pending_error = e
-                return FILE_IO_LATENCY
-            self._pending_error = None
-            is_read = e.filename == "read"
-            err = e.errno or errno.EIO
-            action = self.error_action(self.on_source_error if is_read
-                                       else self.on_target_error, is_read=is_read, err=err)
-            if action == "report":
-                return Finished(-err)
-            return 0.0  # ignore / stop: retry (a stop parks the job first)
-        bm.reset_dirty(off, n)
-        self._cursor = off + n
-        self.progress_update(n)
-        if self.ratelimit is not None and self.speed:
-            return self.ratelimit.delay(n)
-        return 0.0
+        error = self._run_tasks(tasks)
+        latency = self._in_flight(tasks)
+        if error is not None:
+            if wait > 0 or latency > 0:
+                # the job notices once it runs again: after the throttle's sleep, or once
+                # its file requests (failed ones too) have completed through the main loop
+                self._pending_error = error
+                return max(wait, latency)
+            return self._io_error(error)
+        return max(wait, latency)
+
+    def _in_flight(self, tasks: list[tuple[int, int, bool]]) -> float:
+        """Seconds until a burst's file requests have completed (0.0 without file I/O);
+        until then a cancel waits for them, so its events follow its reply."""
+        if not self._file_io or not tasks:
+            return 0.0
+        data = sum(n for _off, n, zero in tasks if not zero)
+        latency = FILE_IO_LATENCY + data / FILE_IO_BANDWIDTH
+        self._in_flight_until = self._now() + latency
+        return latency
+
+    def pause_delay(self) -> float:
+        """backup_pause cancels the running block-copy call and waits for its requests."""
+        return max(0.0, self._in_flight_until - self._now())
+
+    def cancelled_step(self) -> WorkResult:
+        """A cancelled job ends once its requests in flight are done.  One stopped by an
+        I/O error (``stop``) first leaves its pause point into the retry: backup_loop
+        starts the next block-copy call before it looks at the cancel, so one more burst
+        runs."""
+        if self._stopped:
+            self._stopped = False
+            tasks, _wait = self._burst(None)
+            self._run_tasks(tasks)  # the cancelled call's errors are not reported
+            self._in_flight(tasks)
+        left = self._in_flight_until - self._now()
+        return left if left > 0 else Finished()
+
+    def _io_error(self, e: OSError) -> WorkResult:
+        """backup_loop after a failed block-copy call: the error action decides."""
+        is_read = e.filename == "read"
+        err = e.errno or errno.EIO
+        action = self.error_action(self.on_source_error if is_read
+                                   else self.on_target_error, is_read=is_read, err=err)
+        if action == "report":
+            return Finished(-err)
+        self._stopped = action == "stop"
+        self._cursor = 0  # the retry is a new block-copy call over the whole disk
+        return 0.0  # ignore / stop: retry (a stop parks the job first)
 
     def on_set_speed(self, speed: int) -> None:
         if self.ratelimit is not None:
@@ -466,7 +602,8 @@ def create_backup(graph: BlockGraph, jobs: JobManager, args: dict[str, Any],
             on_target_error=args.get("on-target-error", "report"),
             auto_finalize=bool(args.get("auto-finalize", True)),
             auto_dismiss=bool(args.get("auto-dismiss", True)),
-            filter_node_name=args.get("filter-node-name"))
+            filter_node_name=args.get("filter-node-name"),
+            max_workers=int((args.get("x-perf") or {}).get("max-workers", 64)))
         job.insert_filter()
         jobs.add(job, txn)
     except SimError:

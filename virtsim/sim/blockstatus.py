@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from .image.extent import DATA, ZERO
+from .image.extent import DATA, UNALLOCATED, ZERO
 
 if TYPE_CHECKING:
     from .block import Node
@@ -35,11 +35,39 @@ def _below(node: Node) -> Node | None:
     return node.file if node.is_filter else None
 
 
+def _supports_backing(node: Node) -> bool:
+    """``drv->supports_backing``: format drivers; a node that answers "unallocated" without
+    being one (snapshot-access) leaves the area neither allocated nor zero."""
+    return bool(getattr(node, "supports_backing", True))
+
+
+def layer_status(node: Node, offset: int, length: int) -> Iterator[tuple[int, int, str]]:
+    """``bdrv_block_status``: one layer's answer as its parent gets it (want_zero), i.e.
+    filters answer for their child, and an unallocated area of a format node reads as
+    ZERO when nothing is below it (or the backing ends before it)."""
+    if node.is_filter and node.file is not None and node.backing is None:
+        yield from layer_status(node.file, offset, length)
+        return
+    for off, n, kind in node.block_status(offset, length):
+        if n <= 0:
+            continue
+        if kind != UNALLOCATED or not _supports_backing(node):
+            yield off, n, kind
+            continue
+        below = node.backing
+        within = 0 if below is None else max(0, min(n, below.length() - off))
+        if within:
+            yield off, within, UNALLOCATED
+        if n > within:
+            yield off + within, n - within, ZERO
+
+
 def status_above(node: Node, offset: int, length: int, depth: int = 1) -> Iterator[Status]:
     """Runs covering [offset, offset+length) as seen through ``node``'s chain.
 
     Unallocated areas of the bottom layer read as zeroes (QEMU's want_zero answer for a
-    format node without backing); areas beyond a shorter backing read as zeroes too.
+    format node without backing); areas beyond a shorter backing read as zeroes too.  A
+    node that is no format (snapshot-access) reports its unallocated areas as such.
     """
     for off, n, kind in node.block_status(offset, length):
         if n <= 0:
@@ -52,7 +80,7 @@ def status_above(node: Node, offset: int, length: int, depth: int = 1) -> Iterat
             continue
         below = _below(node)
         if below is None:
-            yield Status(n, False, False, True, depth)
+            yield Status(n, False, False, _supports_backing(node), depth)
             continue
         within = max(0, min(n, below.length() - off))
         if within:

@@ -455,9 +455,11 @@ class Job:
     def _yield(self, result: float | None) -> float | None:
         """job_sleep_ns / job_yield after a chunk: sleep, wait, or park if asked to pause."""
         if self.force_cancel:
-            # both return at once for a cancelled job, which then finishes its run
-            self._sleep(0.0)
-            return 0.0
+            # both return at once for a cancelled job, which then finishes its run; a
+            # delay here comes from cancelled_step: requests still in flight
+            delay = result or 0.0
+            self._sleep(delay)
+            return delay
         if self._pause_point():
             return None
         if result is None:
@@ -540,7 +542,19 @@ class Job:
         if self.user_paused:
             raise SimError("Job is already paused")
         self.user_paused = True
+        delay = self.pause_delay()
+        if delay > 0 and self._co == _Co.SLEEPING:
+            # the driver's pause waits for the job's requests in flight: the job parks at
+            # its pause point once they are done, after the reply
+            self.pause_count += 1
+            self._sleep(delay)
+            return
         self.internal_pause()
+
+    def pause_delay(self) -> float:
+        """Seconds a user pause takes to reach the job (driver->pause waiting for
+        requests in flight); drains wait for those themselves, so they park at once."""
+        return 0.0
 
     def resume(self) -> None:
         """job-resume / block-job-resume (user-pause check *before* the verb check)."""

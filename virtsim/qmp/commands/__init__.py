@@ -28,8 +28,8 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 
 # command modules; a feature adds its module name here
-MODULES = ["backup", "bitmap", "block", "create", "hmp", "job", "misc", "nbd", "objects",
-           "qom", "transaction"]
+MODULES = ["backup", "bitmap", "block", "chardev", "create", "hmp", "job", "misc", "nbd",
+           "objects", "qom", "transaction"]
 
 
 def load_all() -> dict[str, Handler]:

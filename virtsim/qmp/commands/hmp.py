@@ -184,6 +184,14 @@ def guest_workload(emu: Emulator, args: dict[str, Any]) -> Any:
     node, _ = emu.node_for_io(args["device"], bool(args.get("qdev", False)))
     wl = guest.Workload.from_args(args)
     ops = wl.ops(node.length())
-    run_ops(emu, node, ops, echo=False)
-    written = sum(op.length for op in ops if op.kind in ("write", "zero", "discard"))
-    return {"requests": len(ops), "bytes": written}
+
+    def run() -> dict[str, int]:
+        run_ops(emu, node, ops, echo=False)
+        written = sum(op.length for op in ops if op.kind in ("write", "zero", "discard"))
+        return {"requests": len(ops), "bytes": written}
+
+    if emu.agent is not None and emu.agent.frozen:
+        # the guest's filesystems are frozen (guest-fsfreeze-freeze): its writes block
+        # until the thaw, and so does this reply (other commands are still served)
+        return emu.agent.after_thaw(run)
+    return run()

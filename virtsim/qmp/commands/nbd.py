@@ -11,6 +11,9 @@ paused/running pairs QEMU shows.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from typing import TYPE_CHECKING, Any
 
 from ...nbd.export import NbdExport
@@ -53,11 +56,13 @@ def nbd_server_start(emu: Emulator, a: dict[str, Any]) -> Any:
         if kind == "unix":
             srv.listen_unix(data["path"])
         elif kind == "inet":
-            srv.listen_inet(data["host"], data["port"], data.get("ipv4"), data.get("ipv6"))
+            family = _inet_family(data)
+            srv.listen_inet(data["host"], data["port"], family == socket.AF_INET or None,
+                            family == socket.AF_INET6 or None)
         elif kind == "fd":
             raise SimError(f"File descriptor named '{data['str']}' has not been found")
         else:
-            raise SimError("virtsim: vsock listeners are not emulated")
+            srv._serve(_vsock_listener(data["cid"], data["port"]))
     except OSError as e:
         raise SimError(e.strerror or str(e)) from None
     try:
@@ -65,13 +70,50 @@ def nbd_server_start(emu: Emulator, a: dict[str, Any]) -> Any:
             srv.tls = _tls_context(emu, a["tls-creds"])
             if "tls-authz" in a:
                 srv.tls_check = _Authz(emu, a["tls-authz"]).check
-            if kind != "inet":
-                raise SimError("TLS is only supported with IPv4/IPv6")
     except SimError:
         srv.close()
         raise
     emu.nbd_server = srv
     return {}
+
+
+def _inet_family(data: dict[str, Any]) -> int:
+    """inet_ai_family_from_address: what the ipv4/ipv6 flags leave to getaddrinfo."""
+    v4, v6 = data.get("ipv4"), data.get("ipv6")
+    if v4 is False and v6 is False:
+        raise SimError("Cannot disable IPv4 and IPv6 at same time")
+    if v4 and v6:
+        return socket.AF_UNSPEC
+    if v6 or v4 is False:
+        return socket.AF_INET6
+    if v4 or v6 is False:
+        return socket.AF_INET
+    return socket.AF_UNSPEC
+
+
+def _vsock_listener(cid: str, port: str) -> socket.socket:
+    """vsock_listen_saddr: parse, bind, listen (the kernel decides which cids work)."""
+    def number(text: str, what: str) -> int:
+        if not text.isdigit() or int(text) > 0xFFFFFFFF:
+            raise SimError(f"Failed to parse {what} '{text}'")
+        return int(text)
+
+    addr = (number(cid, "cid"), number(port, "port"))
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as e:
+        raise SimError(f"Failed to create socket: {os.strerror(e.errno or 0)}") from None
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise SimError(f"Failed to bind socket: {os.strerror(e.errno or 0)}") from None
+    try:
+        sock.listen(1)
+    except OSError as e:
+        sock.close()
+        raise SimError(f"Failed to listen on socket: {os.strerror(e.errno or 0)}") from None
+    return sock
 
 
 def _tls_context(emu: Emulator, creds: str) -> Any:
@@ -81,11 +123,8 @@ def _tls_context(emu: Emulator, creds: str) -> Any:
     if obj.qom_type not in TLS_TYPES:
         raise SimError(f"Object with id '{creds}' is not TLS credentials")
     if obj.endpoint != "server":
-        raise SimError("Expecting TLS credentials with a server endpoint")
-    if obj.ssl_context is None:
-        raise SimError(f"virtsim: {obj.qom_type} credentials are not supported for TLS "
-                       "(Python's ssl module has no PSK or anonymous TLS); use "
-                       "tls-creds-x509")
+        raise SimError("Expected TLS credentials for a server endpoint")
+    assert obj.ssl_context is not None
     return obj.ssl_context
 
 
@@ -99,7 +138,7 @@ class _Authz:
         dn = peer_dn(peercert or {})
         obj = self.emu.objects.get(self.authz)
         if obj is None:
-            return f"No authorization object with ID {self.authz}"
+            return f"Cannot find QAuthZ object ID {self.authz}"
         if obj.qom_type == "authz-simple" and obj.props.get("identity") == dn:
             return None
         if obj.qom_type == "authz-list":
@@ -120,9 +159,11 @@ def nbd_server_stop(emu: Emulator, a: dict[str, Any]) -> Any:
     srv = _server(emu)
     if srv is None:
         raise SimError("NBD server not running")
-    # blk_exp_close_all_type: every NBD export goes (newest first), clients dropped
-    for exp in reversed(list(emu.block_exports.values())):
-        _request_shutdown(emu, exp, now=True)
+    # blk_exp_close_all_type: every NBD export goes, clients dropped; the deletions
+    # (and their events) come oldest export first
+    for exp in list(emu.block_exports.values()):
+        if isinstance(exp, NbdExport):
+            _request_shutdown(emu, exp, now=True)
     srv.close()
     emu.nbd_server = None
     return {}
@@ -144,13 +185,56 @@ def stop_server(emu: Emulator) -> None:
 # ------------------------------------------------------------------------------------------
 @command("block-export-add")
 def block_export_add(emu: Emulator, a: dict[str, Any]) -> Any:
-    if a["type"] != "nbd":
+    if a["type"] not in ("nbd", "vhost-user-blk"):
         raise SimError(f"virtsim: block export type '{a['type']}' is not emulated")
     _add(emu, a)
     return {}
 
 
-def _add(emu: Emulator, a: dict[str, Any]) -> NbdExport:
+class VhostUserBlkExport:
+    """A vhost-user-blk export as far as QMP sees it: it holds its node, listens on its
+    socket, shows in query-block-exports and is deleted with an event.  virtsim does not
+    speak vhost-user, so a connecting VM gets no answer."""
+
+    type = "vhost-user-blk"
+
+    def __init__(self, export_id: str, node: Node, sock: socket.socket) -> None:
+        self.id, self.node, self.sock = export_id, node, sock
+        self.shutting_down = False
+        self.clients: set[Any] = set()
+        self.bitmaps: list[DirtyBitmap] = []
+        self.backend: Any = None
+
+
+def _vhost_user_blk_create(a: dict[str, Any], node: Node) -> VhostUserBlkExport:
+    """vu_blk_exp_create: block size, queues, then the listening socket."""
+    eid = a["id"]
+    lbs = a.get("logical-block-size", 512)
+    if lbs < 512 or lbs > 2097152:
+        raise SimError(f"Property {eid}.logical-block-size doesn't take value {lbs} "
+                       "(minimum: 512, maximum: 2097152)")
+    if lbs & (lbs - 1):
+        raise SimError(f"Property {eid}.logical-block-size doesn't take value '{lbs}', "
+                       "it's not a power of 2")
+    if a.get("num-queues", 1) == 0:
+        raise SimError("num-queues must be greater than 0")
+    addr = a["addr"]
+    if addr["type"] != "unix":
+        raise SimError("Only socket address types 'unix' and 'fd' are supported")
+    path = addr["path"]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        sock.bind(path)
+        sock.listen(1)
+    except OSError as e:
+        sock.close()
+        raise SimError(f"Failed to bind socket to {path}: {e.strerror}") from None
+    return VhostUserBlkExport(eid, node, sock)
+
+
+def _add(emu: Emulator, a: dict[str, Any]) -> NbdExport | VhostUserBlkExport:
     eid = a["id"]
     if not id_wellformed(eid):
         raise SimError("Invalid block export id")
@@ -158,13 +242,18 @@ def _add(emu: Emulator, a: dict[str, Any]) -> NbdExport:
         raise SimError(f"Block export id '{eid}' is already in use")
     node = emu.graph.lookup_bs(None, a["node-name"])
     if a.get("iothread") is not None:
-        raise SimError(f"IOThread '{a['iothread']}' not found")
+        raise SimError(f"iothread \"{a['iothread']}\" not found")
     writable = bool(a.get("writable", False))
     if writable and node.read_only:
         raise SimError("Cannot export read-only node as writable")
     perm = P.CONSISTENT_READ | (P.WRITE if writable else 0)
     blk = emu.graph.temporary_backend(node, perm)
     try:
+        if a["type"] == "vhost-user-blk":
+            vexp = _vhost_user_blk_create(a, node)
+            vexp.backend = blk
+            emu.block_exports[vexp.id] = vexp
+            return vexp
         return _create(emu, a, node, blk, writable)
     except SimError:
         emu.graph.remove_backend(blk)
@@ -222,11 +311,8 @@ def _find_bitmap(emu: Emulator, node: Node, item: Any, writable: bool) -> DirtyB
 
 
 def _is_writable(node: Node) -> bool:
-    """bdrv_is_writable: not read-only and some parent holds write permission."""
-    if node.read_only:
-        return False
-    perm, _ = node.cumulative_perms()
-    return bool(perm & (P.WRITE | P.WRITE_UNCHANGED))
+    """bdrv_is_writable: opened read-write (whether anyone writes does not matter)."""
+    return not node.read_only
 
 
 @command("nbd-server-add")
@@ -266,18 +352,23 @@ def block_export_del(emu: Emulator, a: dict[str, Any]) -> Any:
 
 @command("nbd-server-remove")
 def nbd_server_remove(emu: Emulator, a: dict[str, Any]) -> Any:
+    exp = emu.block_exports.get(a["name"])
+    if exp is not None and not isinstance(exp, NbdExport):
+        raise SimError(f"Block export '{a['name']}' is not an NBD export")
     return block_export_del(emu, {"id": a["name"], **({"mode": a["mode"]}
                                                        if "mode" in a else {})})
 
 
 @command("query-block-exports")
 def query_block_exports(emu: Emulator, a: dict[str, Any]) -> Any:
-    return [{"id": exp.id, "type": "nbd", "node-name": exp.node.node_name,
+    return [{"id": exp.id, "type": "nbd" if isinstance(exp, NbdExport) else exp.type,
+             "node-name": exp.node.node_name,
              "shutting-down": exp.shutting_down}
             for exp in reversed(list(emu.block_exports.values()))]
 
 
-def _request_shutdown(emu: Emulator, exp: NbdExport, now: bool = False) -> None:
+def _request_shutdown(emu: Emulator, exp: NbdExport | VhostUserBlkExport,
+                      now: bool = False) -> None:
     """blk_exp_request_shutdown: unlisted at once, deleted when no client holds it."""
     exp.shutting_down = True
     srv = _server(emu)
@@ -292,24 +383,26 @@ def _request_shutdown(emu: Emulator, exp: NbdExport, now: bool = False) -> None:
         _delete(emu, exp)
 
 
-def _client_gone(emu: Emulator, exp: NbdExport) -> None:
+def _client_gone(emu: Emulator, exp: NbdExport | VhostUserBlkExport) -> None:
     if exp.shutting_down and not exp.clients and exp.id in emu.block_exports:
         _delete(emu, exp)
 
 
-def _release(emu: Emulator, exp: NbdExport, drain: bool) -> None:
+def _release(emu: Emulator, exp: NbdExport | VhostUserBlkExport, drain: bool) -> None:
+    if isinstance(exp, VhostUserBlkExport):
+        exp.sock.close()
     for bm in exp.bitmaps:
         bm.busy = False
     blk = getattr(exp, "backend", None)
     if blk is not None:
         emu.graph.remove_backend(blk)
-        exp.backend = None  # type: ignore[attr-defined]
+        exp.backend = None  # type: ignore[union-attr]  # NbdExport gets it in _create
     if drain:
         _drain_jobs(emu, exp.node)
         _drain_jobs(emu, exp.node)
 
 
-def _delete(emu: Emulator, exp: NbdExport) -> None:
+def _delete(emu: Emulator, exp: NbdExport | VhostUserBlkExport) -> None:
     """blk_exp_delete_bh: bitmaps released, BlockBackend gone, then the event."""
     if emu.block_exports.get(exp.id) is not exp:
         return

@@ -1,0 +1,301 @@
+"""Writes the generated ``matrix-*.qmp`` scenarios: iotest 257's bitmap-sync matrix.
+
+Run ``python tests/differential/scenarios/gen_matrix.py`` after changing it; the files are
+committed, so a review reads plain scenarios.  Generated: ``matrix-<sync>-<outcome>``,
+``matrix-api-errors`` and ``matrix-txn-*``.  Hand-written, not touched here:
+``matrix-257-filter-writes``, ``matrix-bitmap-states``, ``matrix-granularity``,
+``matrix-target-errors``, ``matrix-top-backing``.
+
+Each scenario follows 257 on a 16 MiB qcow2 (its write groups scaled down): writes, a
+bitmap, more writes, the backup under test, writes while it is pending or running, its
+end, more writes, then a bitmap backup; ``?bitmaps`` after every phase and an md5 of what
+each job copied.  Timing rules (validated with ``--stability``):
+
+* success / simulated failure: ``auto-finalize: false``; the job waits in ``pending``.
+* cancel while running: ``speed: 1`` (the first request, then a sleep of days).
+* intermediate failure: blkdebug fails the second source read.  Unthrottled, its
+  BLOCK_JOB_ERROR races blockdev-backup's reply, so a throttle puts ~0.25 s between the
+  first (passing) read and the failing one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent
+SIZE = "16M"
+DEV = "/machine/peripheral/vd0/virtio-backend"
+
+Write = tuple[str, str, str]  # pattern, offset, length (qemu-io syntax)
+
+# 257's groups, scaled from 64 MiB to 16 MiB (32M -> 8M); granularity 64k
+G0: list[Write] = [("0x49", "0", "64k"), ("0x6c", "1M", "64k"), ("0x6f", "8M", "64k"),
+                   ("0x76", "16320k", "64k")]
+G1: list[Write] = [("0x65", "0", "64k"), ("0x77", "992k", "64k"), ("0x72", "8224k", "64k"),
+                   ("0x69", "16256k", "64k")]
+G2: list[Write] = [("0x74", "64k", "64k"), ("0x69", "928k", "64k"),
+                   ("0x6e", "8288k", "64k"), ("0x67", "16256k", "128k")]
+G3: list[Write] = [("0xaa", "64k", "192k"), ("0xbb", "864k", "64k"),
+                   ("0xcc", "8352k", "64k"), ("0xdd", "16128k", "64k")]
+
+# (file stem, sync, bitmap-mode, whether the job gets the bitmap)
+COMBOS: list[tuple[str, str, str | None, bool]] = [
+    ("bitmap-never", "bitmap", "never", True),
+    ("bitmap-on-success", "bitmap", "on-success", True),
+    ("bitmap-always", "bitmap", "always", True),
+    ("incremental", "incremental", None, True),
+    ("full-on-success", "full", "on-success", True),
+    ("full-always", "full", "always", True),
+    ("full-nobitmap", "full", None, False),
+    ("top-on-success", "top", "on-success", True),
+    ("top-always", "top", "always", True),
+    ("none", "none", None, False),
+]
+
+OUTCOMES = {
+    "success": "success (auto-finalize=false, writes while pending, job-finalize)",
+    "simcancel": "simulated failure (auto-finalize=false, writes while pending, cancel)",
+    "ioerror": "intermediate failure (blkdebug read_aio EIO on the source mid-job)",
+    "cancel": "cancel while running (throttled; writes while running)",
+}
+
+
+def blkdebug(filename: str) -> str:
+    """257's rules as -blockdev keys under ``file``: flush arms, the 2nd read fails once."""
+    return (f",file.driver=blkdebug,file.image.driver=file,file.image.filename={filename}"
+            ",file.set-state.0.event=flush_to_disk,file.set-state.0.state=1"
+            ",file.set-state.0.new_state=2"
+            ",file.set-state.1.event=read_aio,file.set-state.1.state=2"
+            ",file.set-state.1.new_state=3"
+            ",file.inject-error.0.event=read_aio,file.inject-error.0.errno=5"
+            ",file.inject-error.0.state=3,file.inject-error.0.immediately=off"
+            ",file.inject-error.0.once=on")
+
+
+def cmd(execute: str, **args: object) -> str:
+    msg: dict[str, object] = {"execute": execute}
+    if args:
+        msg["arguments"] = args
+    return "> " + json.dumps(msg)
+
+
+def hmp(line: str, dev: str = DEV) -> str:
+    return cmd("human-monitor-command", **{"command-line": f'qemu-io -d {dev} "{line}"'})
+
+
+def writes(group: list[Write], dev: str = DEV) -> list[str]:
+    return [hmp(f"write -P {p} {o} {n}", dev) for p, o, n in group]
+
+
+def backup(job: str, target: str, sync: str, mode: str | None, bitmap: bool,
+           **extra: object) -> str:
+    args: dict[str, object] = {"job-id": job, "device": "src", "target": target, "sync": sync}
+    if bitmap:
+        args["bitmap"] = "b0"
+        if mode is not None:
+            args["bitmap-mode"] = mode
+    args.update(extra)
+    return cmd("blockdev-backup", **args)
+
+
+def scenario(sync: str, mode: str | None, uses_bitmap: bool, outcome: str) -> str:
+    what = f"sync={sync}" + (f", bitmap-mode={mode}" if mode else "") + \
+        ("" if uses_bitmap else ", no bitmap (b0 only watches)")
+    lines = [f"# title: bitmap-sync matrix (iotest 257): {what}; {OUTCOMES[outcome]}; "
+             "bitmap counts after, after more writes, and after a bitmap backup",
+             "# generated by gen_matrix.py",
+             f"$ qemu-img create -q -f qcow2 $W/src.qcow2 {SIZE} && "
+             f"qemu-img create -q -f raw $W/t1.raw {SIZE} && "
+             f"qemu-img create -q -f raw $W/t2.raw {SIZE}",
+             "$ qemu-io " + " ".join(f'-c "write -P {p} {o} {n}"' for p, o, n in G0)
+             + " $W/src.qcow2 >/dev/null"]
+    file_opts = blkdebug("$W/src.qcow2") if outcome == "ioerror" else \
+        ",file.driver=file,file.filename=$W/src.qcow2"
+    lines.append(f"!start -machine pc -S -blockdev driver=qcow2,node-name=src{file_opts} "
+                 "-device virtio-blk-pci,drive=src,id=vd0")
+    lines.append(cmd("qmp_capabilities"))
+    for t in ("t1", "t2"):
+        lines.append(cmd("blockdev-add", driver="raw", **{"node-name": t},
+                         file={"driver": "file", "filename": f"$W/{t}.raw"}))
+    lines.append(cmd("block-dirty-bitmap-add", node="src", name="b0", granularity=65536))
+    lines += writes(G1)
+    lines.append("?bitmaps")
+    if outcome == "ioerror":
+        lines.append(hmp("flush"))
+        # the second read fails: 256 KiB/s puts 0.25 s after the first 64k cluster; full
+        # also writes 896k of zeroes in between, so 4 MiB/s (both fit in the first 100 ms
+        # slice, the next request waits 0.23 s)
+        speed = 4194304 if sync == "full" else 262144
+        lines.append(backup("j1", "t1", sync, mode, uses_bitmap, speed=speed))
+        if sync == "none":
+            # sync=none copies only in the filter: a guest write's copy-before-write read
+            # fails, and so does the guest write
+            lines += writes([("0x74", "0", "64k"), ("0x75", "1M", "64k")])
+            lines.append(cmd("query-jobs"))
+            lines.append("?bitmaps")
+            lines.append(cmd("job-cancel", id="j1"))
+        else:
+            lines += ["@event BLOCK_JOB_COMPLETED", "@event JOB_STATUS_CHANGE",
+                      "@event JOB_STATUS_CHANGE"]
+    elif outcome == "cancel":
+        lines.append(backup("j1", "t1", sync, mode, uses_bitmap, speed=1))
+        lines += writes(G2)
+        lines.append(cmd("query-jobs"))
+        lines.append("?bitmaps")
+        lines.append(cmd("job-cancel", id="j1"))
+    else:
+        lines.append(backup("j1", "t1", sync, mode, uses_bitmap, **{"auto-finalize": False}))
+        lines.append("@event BLOCK_JOB_PENDING")
+        lines += writes(G2)
+        lines.append("?bitmaps")
+        if outcome == "success":
+            lines.append(cmd("query-block"))
+            lines.append(cmd("job-finalize", id="j1"))
+        else:
+            lines.append(cmd("job-cancel", id="j1"))
+    lines.append("?bitmaps")
+    lines += writes(G3)
+    lines.append("?bitmaps")
+    # the bitmap backup afterwards (a recovery after a failure)
+    if sync == "incremental" or not uses_bitmap:
+        lines.append(backup("j2", "t2", "incremental", None, True, **{"auto-finalize": False}))
+    else:
+        lines.append(backup("j2", "t2", "bitmap", mode, True, **{"auto-finalize": False}))
+    lines.append("@event BLOCK_JOB_PENDING")
+    lines.append(cmd("job-finalize", id="j2"))
+    lines.append("?bitmaps")
+    lines.append(cmd("block-dirty-bitmap-remove", node="src", name="b0"))
+    lines.append("?bitmaps")
+    lines.append("$ md5sum < $W/t1.raw && md5sum < $W/t2.raw")
+    return "\n".join(lines) + "\n"
+
+
+# iotest 257 test_backup_api: every refused sync x bitmap x bitmap-mode combination
+API_CASES: dict[str, dict[str | None, list[str | None]]] = {
+    "incremental": {None: ["on-success", "always", "never", None],
+                    "bitmap404": ["on-success", "always", "never", None],
+                    "b0": ["always", "never"]},
+    "bitmap": {None: ["on-success", "always", "never", None],
+               "bitmap404": ["on-success", "always", "never", None],
+               "b0": [None]},
+    "full": {None: ["on-success", "always", "never"],
+             "bitmap404": ["on-success", "always", "never", None],
+             "b0": ["never", None]},
+    "top": {None: ["on-success", "always", "never"],
+            "bitmap404": ["on-success", "always", "never", None],
+            "b0": ["never", None]},
+    "none": {None: ["on-success", "always", "never"],
+             "bitmap404": ["on-success", "always", "never", None],
+             "b0": ["on-success", "always", "never", None]},
+}
+
+
+def api_scenario() -> str:
+    lines = ["# title: bitmap-sync matrix (iotest 257 test_backup_api): every refused "
+             "sync x bitmap x bitmap-mode combination, in 257's order; no job is left, "
+             "the bitmap is untouched",
+             "# generated by gen_matrix.py",
+             f"$ qemu-img create -q -f qcow2 $W/src.qcow2 {SIZE} && "
+             f"qemu-img create -q -f qcow2 $W/tgt.qcow2 {SIZE}",
+             "!start",
+             cmd("qmp_capabilities")]
+    for node in ("src", "tgt"):
+        lines.append(cmd("blockdev-add", driver="qcow2", **{"node-name": node},
+                         file={"driver": "file", "filename": f"$W/{node}.qcow2"}))
+    lines.append(cmd("block-dirty-bitmap-add", node="src", name="b0", granularity=65536))
+    lines.append(cmd("human-monitor-command",
+                     **{"command-line": 'qemu-io src "write -P 0x65 0 64k"'}))
+    for sync, cases in API_CASES.items():
+        for bitmap, modes in cases.items():
+            for mode in modes:
+                args: dict[str, object] = {"device": "src", "target": "tgt", "sync": sync,
+                                           "filter-node-name": "backup-top",
+                                           "job-id": "api_job"}
+                if bitmap is not None:
+                    args["bitmap"] = bitmap
+                if mode is not None:
+                    args["bitmap-mode"] = mode
+                lines.append(cmd("blockdev-backup", **args))
+    lines.append(cmd("query-jobs"))
+    lines.append("?bitmaps")
+    return "\n".join(lines) + "\n"
+
+
+def txn_scenario(mode: str) -> str:
+    """iotest 124 test_transaction_failure: two incremental backups in one transaction,
+    the first source fails mid-job; then both are retried (one after the other: two
+    unthrottled jobs finish in I/O order)."""
+    what = {"grouped": "grouped: the other job is cancelled and both bitmaps keep their bits",
+            "individual": "individual: the other job completes and clears its bitmap"}[mode]
+    lines = [f"# title: bitmap-sync matrix (iotest 124 transaction failure): two incremental "
+             f"backups in one transaction, one source fails mid-job (blkdebug EIO); {what}; "
+             "then both are retried",
+             "# generated by gen_matrix.py",
+             "$ for i in 1 2; do qemu-img create -q -f qcow2 $W/s$i.qcow2 16M && "
+             "qemu-img create -q -f raw $W/t$i.raw 16M && qemu-img create -q -f raw "
+             "$W/r$i.raw 16M && qemu-io -c \"write -P 0x4$i 0 64k\" -c "
+             "\"write -P 0x5$i 1M 64k\" $W/s$i.qcow2 >/dev/null; done",
+             "!start -machine pc -S -blockdev driver=qcow2,node-name=s1" + blkdebug("$W/s1.qcow2")
+             + " -device virtio-blk-pci,drive=s1,id=vd1 -blockdev driver=qcow2,node-name=s2,"
+             "file.driver=file,file.filename=$W/s2.qcow2 -device virtio-blk-pci,drive=s2,id=vd2",
+             cmd("qmp_capabilities")]
+    devs = {i: f"/machine/peripheral/vd{i}/virtio-backend" for i in (1, 2)}
+    for n in ("t1", "t2", "r1", "r2"):
+        lines.append(cmd("blockdev-add", driver="raw", **{"node-name": n},
+                         file={"driver": "file", "filename": f"$W/{n}.raw"}))
+    for i in (1, 2):
+        lines.append(cmd("block-dirty-bitmap-add", node=f"s{i}", name=f"b{i}",
+                         granularity=65536))
+        lines += writes([(f"0x6{i}", "0", "64k"), (f"0x7{i}", "992k", "64k"),
+                         (f"0x8{i}", "8M", "64k")], devs[i])
+    lines.append("?bitmaps")
+    lines.append(hmp("flush", devs[1]))
+    actions = [
+        {"type": "blockdev-backup", "data": {"job-id": "j1", "device": "s1", "target": "t1",
+                                             "sync": "incremental", "bitmap": "b1",
+                                             "speed": 262144}},
+        {"type": "blockdev-backup", "data": {"job-id": "j2", "device": "s2", "target": "t2",
+                                             "sync": "incremental", "bitmap": "b2",
+                                             "speed": 1, "auto-finalize": False}},
+    ]
+    args: dict[str, object] = {"actions": actions}
+    if mode == "grouped":
+        args["properties"] = {"completion-mode": "grouped"}
+    lines.append(cmd("transaction", **args))
+    lines += writes([("0x91", "64k", "64k")], devs[2])
+    lines.append("@event BLOCK_JOB_COMPLETED")
+    lines.append(cmd("query-jobs"))
+    lines.append("?bitmaps")
+    if mode == "individual":
+        lines.append(cmd("block-job-set-speed", device="j2", speed=0))
+        lines.append("@event BLOCK_JOB_PENDING")
+        lines.append(cmd("job-finalize", id="j2"))
+        lines.append("?bitmaps")
+    for i in (1, 2):
+        lines.append(cmd("blockdev-backup", **{"job-id": f"k{i}", "device": f"s{i}",
+                                               "target": f"r{i}", "sync": "incremental",
+                                               "bitmap": f"b{i}", "auto-finalize": False}))
+        lines.append("@event BLOCK_JOB_PENDING")
+        lines.append(cmd("job-finalize", id=f"k{i}"))
+    lines.append("?bitmaps")
+    lines.append("$ for f in t1 t2 r1 r2; do md5sum < $W/$f.raw; done")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    files: dict[str, str] = {}
+    for stem, sync, mode, uses_bitmap in COMBOS:
+        outcomes = ["cancel", "ioerror"] if sync == "none" else list(OUTCOMES)
+        for outcome in outcomes:
+            files[f"matrix-{stem}-{outcome}.qmp"] = scenario(sync, mode, uses_bitmap, outcome)
+    files["matrix-api-errors.qmp"] = api_scenario()
+    for mode in ("grouped", "individual"):
+        files[f"matrix-txn-{mode}.qmp"] = txn_scenario(mode)
+    for name, text in files.items():
+        (OUT / name).write_text(text)
+    print(f"wrote {len(files)} scenarios to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
