@@ -5,11 +5,15 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from lxml import etree
 
+import virtsim.api as libvirt
 from virtsim.api.xml import safe
 
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "libvirt-9.0"
@@ -56,3 +60,66 @@ def assert_valid(xml: str, schema: str) -> None:
     rng = _schema(schema)
     doc = etree.fromstring(xml.encode())
     assert rng.validate(doc), [e.message for e in rng.error_log]
+
+
+# ----- the three ways a domain's emulator can run (the API suite runs against each) ----------
+QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
+VIRTSIM_QEMU = str(Path(sys.executable).parent / "virtsim-qemu")
+EMULATOR_URIS = {
+    "embedded": "virtsim:///embedded",
+    "virtsim-qemu": f"virtsim:///embedded?emulator={VIRTSIM_QEMU}",
+    "qemu": f"virtsim:///embedded?emulator={QEMU_BINARY}",
+}
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids (other than ours) whose command line contains ``text``: the emulators a test
+    started all name its tmp_path in their -blockdev arguments."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if text in cmdline and not zombie:
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture(params=list(EMULATOR_URIS), ids=list(EMULATOR_URIS))
+def api_uri(request: pytest.FixtureRequest) -> str:
+    """A virtsim URI per emulator kind; real QEMU is required in CI, skipped elsewhere only
+    when it is not installed."""
+    if request.param == "qemu":
+        need(os.access(QEMU_BINARY, os.X_OK), QEMU_BINARY)
+    if request.param == "virtsim-qemu":
+        need(os.access(VIRTSIM_QEMU, os.X_OK), f"{VIRTSIM_QEMU} (make setup)")
+    return EMULATOR_URIS[request.param]
+
+
+@pytest.fixture
+def conn(api_uri: str, tmp_path: Path) -> Iterator[libvirt.virConnect]:
+    """A read-write connection; closing it (always) destroys its domains and ends every
+    emulator, which the fixture checks."""
+    from virtsim.api import driver
+
+    c = libvirt.open(api_uri)
+    drv = c.drv
+    try:
+        yield c
+    finally:
+        c.close()
+        assert drv.refs == 0, "a test left another connection to this URI open"
+        assert drv not in driver._DRIVERS.values()
+        assert not os.path.exists(drv.workdir), "emulator run directories left behind"
+        assert all(not d.active for d in drv.domains.values())
+        for _ in range(100):
+            if not processes_mentioning(str(tmp_path)):
+                break
+            time.sleep(0.01)
+        assert processes_mentioning(str(tmp_path)) == [], "emulator processes outlived close()"

@@ -96,6 +96,9 @@ class BackupJob:
     nbd_started: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     stats_final: dict[str, Any] | None = None
+    #: the emulator is going away: no more QMP from this job (the monitor is closed by
+    #: the driver, which owns it)
+    gone: bool = False
 
     @property
     def push(self) -> bool:
@@ -130,7 +133,7 @@ class BackupJob:
 
     async def refresh(self) -> None:
         """Live progress from query-jobs (libvirt does this for GetJobStats)."""
-        if self.finished is not None or self.dom.monitor is None:
+        if self.finished is not None or self.gone or self.dom.monitor is None:
             return
         with contextlib.suppress(Exception):
             jobs = {j["id"]: j for j in await self.mon.execute("query-jobs")}
@@ -215,11 +218,14 @@ class BackupJob:
                 await self._terminate(c.VIR_DOMAIN_JOB_CANCELLED)
 
     async def _stop_nbd(self) -> None:
-        if self.dom.monitor is None:
+        if self.gone or self.dom.monitor is None:
             return
         others = [j for j in self.dom.backups.values()
                   if j is not self and not j.push and j.nbd_started]
         if others:
+            # the server stays for the other pull jobs: only this job's exports go (an
+            # export keeps its scratch node in use, so blockdev-del would fail)
+            await _del_exports(self.mon, [f"libvirt-nbd-{d.format_node}" for d in self.disks])
             return
         with contextlib.suppress(Exception):
             await self.mon.execute("nbd-server-stop")
@@ -229,7 +235,7 @@ class BackupJob:
         if self.finished is not None:
             return
         for d in self.disks:
-            if self.dom.monitor is not None:
+            if not self.gone and self.dom.monitor is not None:
                 for node in (d.format_node, d.storage):
                     with contextlib.suppress(Exception):
                         await self.mon.execute("blockdev-del", {"node-name": node})
@@ -244,20 +250,23 @@ class BackupJob:
         self.status = status
         self.finished = time.monotonic()
         self.stats_final = {"type": status, **self.stats()}
-        self.dom.completed_job = self.stats_final
+        if self.libvirt_shaped:
+            self.dom.completed_job = self.stats_final
         self.done.set()
         self.drv.emit(self.dom, c.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self.stats())
         if self.libvirt_shaped:
             self.dom.backups.pop(self.id, None)
 
     async def domain_stopped(self) -> None:
-        """The emulator went away under the job: it fails."""
+        """The emulator went away under the job (destroy): libvirt 9.0 ends the backup as
+        CANCELLED, success false, no errmsg, and counts nothing for disk jobs that never
+        concluded (observed with real libvirt)."""
         for d in self.disks:
             if d.state in ("running", "cancelling"):
-                d.state = "failed"
-        self.errmsg = self.errmsg or "domain is not running"
-        self.dom.monitor = None
-        await self._terminate(c.VIR_DOMAIN_JOB_FAILED)
+                d.state = "cancelled"
+                d.current = d.total = 0
+        self.gone = True
+        await self._terminate(c.VIR_DOMAIN_JOB_CANCELLED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +283,8 @@ async def begin(drv: Driver, dom: DomainObj, backup_xml: str, checkpoint_xml: st
     chk = dom.checkpoints.prepare(checkpoint_xml, 0) if checkpoint_xml else None
     suffix = chk.name if chk is not None and chk.name else str(int(time.time()))
     align_backup_disks(defn, dom.defn.disks, suffix)
-    if libvirt_shaped and any(j.finished is None for j in dom.backups.values()):
-        # libvirt 9.0 waits 30 s for the domain's job lock and then gives up with this;
-        # virtsim answers at once with the same error
-        raise E.STATE_LOCK_TIMEOUT_MONITOR("remoteDispatchDomainBackupBegin")
+    if libvirt_shaped:
+        await _acquire_job_lock(dom)
     busy = {d.target for j in dom.backups.values() if j.finished is None for d in j.disks}
     chosen = [d for d in defn.disks if d.backup]
     for d in chosen:
@@ -363,16 +370,17 @@ async def begin(drv: Driver, dom: DomainObj, backup_xml: str, checkpoint_xml: st
         try:
             await mon.execute("transaction", {"actions": actions})
         except Exception as e:
-            raise qmp_error(e, "transaction") from None
-        finally:
             if quiesce:
                 await thaw(drv, dom)
+            raise qmp_error(e, "transaction") from None
     except BaseException:
         await _rollback(job)
         raise
     if chk is not None and not flags & VIRTSIM_BACKUP_BEGIN_NO_METADATA:
         dom.checkpoints.commit(chk)
     dom.backups[job.id] = job
+    if quiesce:  # thawed once the job is registered: its events may arrive meanwhile
+        await thaw(drv, dom)
     if not job.push:
         for dj, d in zip(job.disks, chosen, strict=True):
             args: dict[str, Any] = {"type": "nbd", "id": f"libvirt-nbd-{dj.format_node}",
@@ -386,6 +394,25 @@ async def begin(drv: Driver, dom: DomainObj, backup_xml: str, checkpoint_xml: st
                 await job.abort()
                 raise qmp_error(e, "block-export-add") from None
     return job
+
+
+#: how long libvirt waits for the domain's async job before giving up (VIR_JOB_WAIT_TIME)
+JOB_LOCK_WAIT = 30.0
+
+
+async def _acquire_job_lock(dom: DomainObj) -> None:
+    """libvirt's one async job per domain: a second backupBegin waits for the running
+    backup to end, for 30 s, then fails with the lock timeout.  virtsim waits only where
+    the job will end by itself (a push, or any job being aborted); a pull that nobody
+    ends, or an id-based job, gets the same error at once instead of after 30 s."""
+    for job in list(dom.backups.values()):
+        if job.finished is not None:
+            continue
+        if job.libvirt_shaped and (job.push or job.aborted):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.done.wait(), JOB_LOCK_WAIT)
+        if job.finished is None:
+            raise E.STATE_LOCK_TIMEOUT_MONITOR("remoteDispatchDomainBackupBegin")
 
 
 async def _create_store(mon: Monitor, job: BackupJob, dj: DiskJob, size: int,
@@ -445,11 +472,46 @@ async def _run_create(mon: Monitor, job_id: str, opts: dict[str, Any]) -> None:
         mon.subscribers.remove(watch)
 
 
+async def _del_exports(mon: Monitor, ids: list[str]) -> None:
+    """block-export-del (hard: clients are cut off) and wait until QEMU has let go.
+
+    Polls query-block-exports rather than waiting for BLOCK_EXPORT_DELETED: this runs
+    inside the monitor's event delivery, which cannot deliver the next event meanwhile."""
+    with contextlib.suppress(Exception):
+        for eid in ids:
+            with contextlib.suppress(Exception):
+                await mon.execute("block-export-del", {"id": eid, "mode": "hard"})
+        for _ in range(400):
+            live = {e["id"] for e in await mon.execute("query-block-exports")}
+            if not live & set(ids):
+                return
+            await asyncio.sleep(0.005)
+
+
+def _server_key(defn: BackupDef) -> tuple[object, ...]:
+    srv = defn.server
+    if srv is None:
+        return ()
+    if srv.transport == "unix":
+        return ("unix", srv.socket)
+    return ("tcp", srv.name or "localhost", srv.port, bool(defn.tls))
+
+
 async def _start_nbd(dom: DomainObj, job: BackupJob) -> None:
     srv = job.defn.server
     assert srv is not None
-    if any(not j.push and j.nbd_started for j in dom.backups.values()):
-        job.nbd_started = True     # concurrent pull jobs share the one NBD server
+    running = [j for j in dom.backups.values() if not j.push and j.nbd_started]
+    if running:
+        # QEMU has one NBD server: concurrent pull jobs (virtsim's id-based model) share it,
+        # so they must ask for the same one
+        other = running[0].defn.server
+        if other is not None and _server_key(running[0].defn) != _server_key(job.defn):
+            where = other.socket if other.transport == "unix" else f"{other.name}:{other.port}"
+            raise E.make_error(c.VIR_ERR_OPERATION_INVALID, c.VIR_FROM_QEMU,
+                               f"the NBD server of backup job {running[0].id} is already "
+                               f"running at {where}: concurrent pull backups must use the "
+                               f"same <server>")
+        job.nbd_started = True
         return
     if srv.transport == "unix":
         addr = {"type": "unix", "data": {"path": srv.socket}}
@@ -475,15 +537,20 @@ async def _rollback(job: BackupJob) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(d.store_path)
     if job.nbd_started and mon is not None:
-        others = [j for j in job.dom.backups.values() if not j.push and j.nbd_started]
-        if not others:
+        others = [j for j in job.dom.backups.values()
+                  if j is not job and not j.push and j.nbd_started]
+        if others:
+            await _del_exports(mon, [f"libvirt-nbd-{d.format_node}" for d in job.disks])
+        else:
             with contextlib.suppress(Exception):
                 await mon.execute("nbd-server-stop")
         job.nbd_started = False
 
 
 def active_job(dom: DomainObj) -> BackupJob | None:
+    """The domain's libvirt-shaped backup job, if one runs: what backupGetXMLDesc,
+    abortJob and jobStats see.  Id-based jobs are reached through their ids only."""
     for j in dom.backups.values():
-        if j.finished is None:
+        if j.finished is None and j.libvirt_shaped:
             return j
     return None

@@ -256,9 +256,14 @@ def _bitmap_valid(info: dict[str, Any] | None) -> bool:
 
 
 async def freeze(drv: Driver, dom: DomainObj) -> None:
-    """QUIESCE: freeze guest filesystems through the (simulated) agent."""
-    dom.frozen = True
+    """QUIESCE: freeze guest filesystems through the guest agent (see agent.py)."""
+    from .agent import fs_freeze
+
+    await fs_freeze(drv, dom)
 
 
 async def thaw(drv: Driver, dom: DomainObj) -> None:
-    dom.frozen = False
+    """After the QUIESCE'd transaction; a thaw error never hides the transaction's."""
+    from .agent import quiesce_thaw
+
+    await quiesce_thaw(drv, dom)

@@ -256,6 +256,8 @@ class Driver:
             dom.state, dom.reason = c.VIR_DOMAIN_PAUSED, c.VIR_DOMAIN_PAUSED_USER
         else:
             dom.state, dom.reason = c.VIR_DOMAIN_RUNNING, c.VIR_DOMAIN_RUNNING_BOOTED
+            # libvirt 9.0 relays QEMU's RESUME (from `cont`) before it reports the start
+            self.lifecycle(dom, c.VIR_DOMAIN_EVENT_RESUMED, c.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED)
         self.lifecycle(dom, c.VIR_DOMAIN_EVENT_STARTED, c.VIR_DOMAIN_EVENT_STARTED_BOOTED)
         if paused:
             self.lifecycle(dom, c.VIR_DOMAIN_EVENT_SUSPENDED,

@@ -345,6 +345,8 @@ def _invalid_arg(function: str, argname: str, message: str) -> libvirtError:
 def _domain_of_function(function: str) -> int:
     # Public entry points report from their own file's domain; driver functions from the qemu
     # driver's. Both matter: clients log the domain number.
+    if function == "virDomainQemuMonitorCommand":   # libvirt-qemu.c reports from VIR_FROM_NONE
+        return c.VIR_FROM_NONE
     if function.startswith("virDomainCheckpoint") or function == "virDomainListAllCheckpoints":
         return c.VIR_FROM_DOMAIN_CHECKPOINT
     if function.startswith("vir"):

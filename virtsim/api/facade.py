@@ -89,6 +89,8 @@ class virConnect:  # noqa: N801 - libvirt-python's class names
 
     # ----- domains ---------------------------------------------------------------------------
     def defineXML(self, xml: str) -> virDomain:
+        # each libvirt entry point names itself in the read-only refusal
+        self._rw("virDomainDefineXML")
         return self.defineXMLFlags(xml, 0)
 
     def defineXMLFlags(self, xml: str, flags: int = 0) -> virDomain:
@@ -228,6 +230,7 @@ class virDomain:  # noqa: N801
 
     # ----- lifecycle ---------------------------------------------------------------------------
     def create(self) -> int:
+        self._conn._rw("virDomainCreate")
         return self.createWithFlags(0)
 
     def createWithFlags(self, flags: int = 0) -> int:
@@ -239,6 +242,7 @@ class virDomain:  # noqa: N801
         return 0
 
     def destroy(self) -> int:
+        self._conn._rw("virDomainDestroy")
         return self.destroyFlags(0)
 
     def destroyFlags(self, flags: int = 0) -> int:
@@ -247,12 +251,16 @@ class virDomain:  # noqa: N801
         async def go() -> None:
             dom = self._obj()
             self._drv.require_active(dom)
+            # SIGTERM makes QEMU report a host-initiated SHUTDOWN first (libvirt relays it)
+            self._drv.lifecycle(dom, c.VIR_DOMAIN_EVENT_SHUTDOWN,
+                                c.VIR_DOMAIN_EVENT_SHUTDOWN_HOST)
             await self._drv.stop(dom, c.VIR_DOMAIN_SHUTOFF_DESTROYED,
                                  c.VIR_DOMAIN_EVENT_STOPPED_DESTROYED)
         self._run(go())
         return 0
 
     def shutdown(self) -> int:
+        self._conn._rw("virDomainShutdown")
         return self.shutdownFlags(0)
 
     def shutdownFlags(self, flags: int = 0) -> int:
@@ -279,6 +287,7 @@ class virDomain:  # noqa: N801
         return 0
 
     def undefine(self) -> int:
+        self._conn._rw("virDomainUndefine")
         return self.undefineFlags(0)
 
     def undefineFlags(self, flags: int = 0) -> int:
@@ -289,19 +298,32 @@ class virDomain:  # noqa: N801
     # ----- guest agent -------------------------------------------------------------------------
     def fsFreeze(self, mountpoints: list[str] | None = None, flags: int = 0) -> int:
         self._conn._rw("virDomainFSFreeze")
-        dom = self._conn._call(self._obj)
-        if not dom.active:
-            raise E.DOMAIN_NOT_RUNNING()
-        dom.frozen = True
-        return len(mountpoints) if mountpoints else 1
+        if flags:
+            raise E.unsupported_flags(flags, "qemuDomainFSFreeze")
+        from . import agent
+
+        async def go() -> int:
+            dom = self._obj()
+            if not dom.active:
+                raise E.DOMAIN_NOT_RUNNING()
+            return await agent.fs_freeze(self._drv, dom, mountpoints)
+        return self._run(go())
 
     def fsThaw(self, mountpoints: list[str] | None = None, flags: int = 0) -> int:
         self._conn._rw("virDomainFSThaw")
-        dom = self._conn._call(self._obj)
-        if not dom.active:
-            raise E.DOMAIN_NOT_RUNNING()
-        dom.frozen = False
-        return len(mountpoints) if mountpoints else 1
+        if flags:
+            raise E.unsupported_flags(flags, "qemuDomainFSThaw")
+        from . import agent
+
+        if mountpoints:
+            raise agent.THAW_MOUNTPOINTS()
+
+        async def go() -> int:
+            dom = self._obj()
+            if not dom.active:
+                raise E.DOMAIN_NOT_RUNNING()
+            return await agent.fs_thaw(self._drv, dom)
+        return self._run(go())
 
     # ----- backups (libvirt's calls) -------------------------------------------------------------
     def backupBegin(self, backupXML: str, checkpointXML: str | None = None,
@@ -312,7 +334,7 @@ class virDomain:  # noqa: N801
 
     def backupGetXMLDesc(self, flags: int = 0) -> str:
         if flags:
-            raise E.unsupported_flags(flags, "qemuDomainBackupGetXMLDesc")
+            raise E.unsupported_flags(flags, "qemuBackupGetXMLDesc")
 
         def get() -> str:
             job = B.active_job(self._obj())
@@ -322,6 +344,7 @@ class virDomain:  # noqa: N801
         return self._conn._call(get)
 
     def abortJob(self) -> int:
+        self._conn._rw("virDomainAbortJob")
         return self.abortJobFlags(0)
 
     def abortJobFlags(self, flags: int = 0) -> int:
@@ -331,7 +354,7 @@ class virDomain:  # noqa: N801
             dom = self._obj()
             self._drv.require_active(dom)
             job = B.active_job(dom)
-            if job is None or not job.libvirt_shaped:
+            if job is None:
                 raise E.NO_ACTIVE_JOB()
             await job.abort()
         self._run(go())
@@ -339,10 +362,10 @@ class virDomain:  # noqa: N801
 
     def jobInfo(self) -> list[int]:
         st = self.jobStats(0)
-        total = int(st.get(c.VIR_DOMAIN_JOB_DISK_TOTAL, st.get(c.VIR_DOMAIN_JOB_DISK_TEMP_TOTAL,
-                                                                0)))
-        done = int(st.get(c.VIR_DOMAIN_JOB_DISK_PROCESSED,
-                          st.get(c.VIR_DOMAIN_JOB_DISK_TEMP_USED, 0)))
+        # qemuDomainJobDataToInfo: a backup fills the file* fields from the push counters
+        # only; a pull's temp-space numbers have no place here (all zero, as in libvirt)
+        total = int(st.get(c.VIR_DOMAIN_JOB_DISK_TOTAL, 0))
+        done = int(st.get(c.VIR_DOMAIN_JOB_DISK_PROCESSED, 0))
         elapsed = int(st.get(c.VIR_DOMAIN_JOB_TIME_ELAPSED, 0))
         return [int(st["type"]), elapsed, 0, total, done, total - done, 0, 0, 0,
                 total, done, total - done]
@@ -357,8 +380,10 @@ class virDomain:  # noqa: N801
                 if not flags & c.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED:
                     dom.completed_job = None
                 return out
+            # libvirt: the completed job survives the domain; the current one needs it running
+            self._drv.require_active(dom)
             job = B.active_job(dom)
-            if job is None or not job.libvirt_shaped:
+            if job is None:
                 return {"type": c.VIR_DOMAIN_JOB_NONE}
             await job.refresh()
             return {"type": c.VIR_DOMAIN_JOB_UNBOUNDED, **job.stats()}

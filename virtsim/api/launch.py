@@ -93,6 +93,10 @@ def command_line(defn: DomainDef, disks: list[DiskNodes], qmp_path: str,
                  "-blockdev", json.dumps(fmt, separators=(",", ":"))]
         model = _DEVICE.get(dom.bus or _bus_for(node.target), _DEVICE["virtio"])[0]
         argv += ["-device", f"{model},drive={node.format_node},id={node.device_id}"]
+    if defn.guest_agent:  # QUIESCE: the guest agent channel, its socket in the run dir
+        from .agent import channel_argv
+
+        argv += channel_argv(os.path.dirname(qmp_path))
     return argv
 
 
