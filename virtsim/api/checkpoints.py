@@ -9,6 +9,7 @@ listing, parents, XML — is metadata.
 from __future__ import annotations
 
 import copy
+import os
 from typing import TYPE_CHECKING, Any
 
 from . import constants as c
@@ -139,6 +140,22 @@ class CheckpointTree:
         assert defn.name is not None
         self.defs[defn.name] = defn
         self.current = defn.name
+        self.persist()
+
+    def persist(self) -> None:
+        """virtsim:///session: one metadata file per checkpoint (libvirt's
+        checkpointDir/<vm>/<name>.xml, secure redefine form) and the current one."""
+        sd = self.dom.statedir
+        if sd is None:
+            return
+        _docs, _cur = sd.checkpoints(self.dom.name)
+        cdir = os.path.join(sd.path, "checkpoints", self.dom.name)
+        for f in os.listdir(cdir):
+            if f.endswith(".xml") and f[:-4] not in self.defs:
+                sd.remove_checkpoint(self.dom.name, f[:-4])
+        for name, d in self.defs.items():
+            sd.save_checkpoint(self.dom.name, name, format_checkpoint(d, secure=True))
+        sd.save_current(self.dom.name, self.current)
 
     async def create(self, drv: Driver, xml: str, flags: int) -> str:
         if flags & c.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE:
@@ -183,6 +200,7 @@ class CheckpointTree:
         self.defs[defn.name] = defn
         if old is None and (self.current is None or defn.parent == self.current):
             self.current = defn.name
+        self.persist()
         return defn.name
 
     # ----- delete ------------------------------------------------------------------------------
@@ -224,6 +242,7 @@ class CheckpointTree:
                 self.current = d.parent if d.parent in self.defs else None
         if flags & c.VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN_ONLY and self.current is None:
             self.current = name
+        self.persist()
 
 
 async def _transaction(mon: Monitor, actions: list[dict[str, Any]]) -> None:

@@ -34,6 +34,7 @@ from .launch import (
 )
 from .monitor import Monitor
 from .runner import LoopThread
+from .state import StateDir
 from .xml.domain import DomainDef, format_domain, parse_domain
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class DomainObj:
     checkpoints: CheckpointTree | None = None
     backups: dict[int, BackupJob] = field(default_factory=dict)
     completed_job: dict[str, Any] | None = None
+    #: virtsim:///session: where definitions and checkpoint metadata persist
+    statedir: StateDir | None = None
     frozen: bool = False
 
     @property
@@ -134,7 +137,40 @@ class Driver:
         self._listener_ids = 0
         self._next_id = 1
         self.refs = 0
-        self.workdir = private_dir()
+        self.statedir: StateDir | None = None
+        if config.mode == "session":
+            self.statedir = StateDir(config.statedir or _default_statedir())
+            self.workdir = os.path.join(self.statedir.path, "run")
+            self._load()
+        else:
+            self.workdir = private_dir()
+
+    def _load(self) -> None:
+        """Reopen a session: definitions and checkpoints back, leftovers of a dead API
+        process (its emulators, their run directories) gone."""
+        from .xml.checkpoint import parse_checkpoint
+
+        sd = self.statedir
+        assert sd is not None
+        for entry in os.listdir(self.workdir):
+            path = os.path.join(self.workdir, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+        for name, xml in sd.domains():
+            sd.reap_stale(name)
+            try:
+                dom = self.define(xml, True, save=False)
+            except E.libvirtError:
+                continue
+            tree = dom.checkpoints
+            assert tree is not None
+            docs, current = sd.checkpoints(name)
+            for doc in docs:
+                with contextlib.suppress(E.libvirtError):
+                    cdef = parse_checkpoint(doc, redefine=True)
+                    if cdef.name is not None:
+                        tree.defs[cdef.name] = cdef
+            tree.current = current if current in tree.defs else None
 
     # ----- events -------------------------------------------------------------------------
     def add_listener(self, conn: Any, dom_name: str | None, event_id: int,
@@ -181,7 +217,8 @@ class Driver:
                 return dom
         raise E.NO_DOMAIN_BY_UUID(uuid)
 
-    def define(self, xml: str, persistent: bool, validate: bool = False) -> DomainObj:
+    def define(self, xml: str, persistent: bool, validate: bool = False,
+               save: bool = True) -> DomainObj:
         defn = parse_domain(xml, validate=validate)
         if defn.uuid is None:
             defn.uuid = str(uuidlib.uuid4())
@@ -196,17 +233,28 @@ class Driver:
         if existing is not None:
             existing.defn = defn if not existing.active else existing.defn
             existing.persistent = existing.persistent or persistent
+            if persistent and save:
+                self._save(existing, defn)
             return existing
         from .checkpoints import CheckpointTree
 
-        dom = DomainObj(defn=defn, persistent=persistent)
+        dom = DomainObj(defn=defn, persistent=persistent, statedir=self.statedir)
         dom.checkpoints = CheckpointTree(dom)
         self.domains[defn.name] = dom
+        if persistent and save:
+            self._save(dom, defn)
         if persistent:
             self.lifecycle(dom, c.VIR_DOMAIN_EVENT_DEFINED, c.VIR_DOMAIN_EVENT_DEFINED_ADDED)
         return dom
 
+    def _save(self, dom: DomainObj, defn: DomainDef) -> None:
+        if self.statedir is not None:
+            self.statedir.save_domain(dom.name, format_domain(defn, secure=True,
+                                                              inactive=True))
+
     def undefine(self, dom: DomainObj) -> None:
+        if self.statedir is not None:
+            self.statedir.remove_domain(dom.name)
         if dom.active:
             dom.persistent = False
         else:
@@ -250,6 +298,9 @@ class Driver:
             raise
         dom.emulator, dom.monitor = emu, mon
         mon.subscribers.append(lambda ev: self._on_event(dom, ev))
+        mon.on_lost = lambda: self._lost(dom, mon)
+        if self.statedir is not None:
+            self.statedir.save_pid(dom.name, emu.pid)
         dom.id = self._next_id
         self._next_id += 1
         if paused:
@@ -262,6 +313,13 @@ class Driver:
         if paused:
             self.lifecycle(dom, c.VIR_DOMAIN_EVENT_SUSPENDED,
                            c.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED)
+
+    async def _lost(self, dom: DomainObj, mon: Monitor) -> None:
+        """qemuProcessHandleMonitorEOF: the emulator died; the domain is shut off
+        (crashed) and its jobs end."""
+        if dom.monitor is mon and dom.active:
+            await self.stop(dom, c.VIR_DOMAIN_SHUTOFF_CRASHED,
+                            c.VIR_DOMAIN_EVENT_STOPPED_FAILED)
 
     async def _on_event(self, dom: DomainObj, ev: dict[str, Any]) -> None:
         for job in list(dom.backups.values()):
@@ -276,6 +334,8 @@ class Driver:
         if dom.emulator is not None:
             await dom.emulator.stop()
         dom.monitor = dom.emulator = None
+        if self.statedir is not None:
+            self.statedir.save_pid(dom.name, None)
         if dom.rundir:
             shutil.rmtree(dom.rundir, ignore_errors=True)
             dom.rundir = None
@@ -313,7 +373,13 @@ class Driver:
                 with contextlib.suppress(Exception):
                     await self.stop(dom, c.VIR_DOMAIN_SHUTOFF_DESTROYED,
                                     c.VIR_DOMAIN_EVENT_STOPPED_DESTROYED)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.statedir is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _default_statedir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "virtsim")
 
 
 def now_ms() -> int:

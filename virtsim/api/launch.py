@@ -148,22 +148,30 @@ class ProcessEmulator(Emulator):
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, argv: list[str], qmp_path: str) -> None:
+        """Spawn it with stderr in a log file beside its socket (as libvirt keeps
+        /var/log/libvirt/qemu/NAME.log): a pipe could fill up, or break when we die."""
         self.qmp_path = qmp_path
-        self.proc = await asyncio.create_subprocess_exec(
-            self.binary, *argv, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        log = os.path.join(os.path.dirname(qmp_path), "emulator.log")
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                self.binary, *argv, stdin=asyncio.subprocess.DEVNULL,
+                stdout=fd, stderr=fd)
+        finally:
+            os.close(fd)
         for _ in range(400):
             if os.path.exists(qmp_path):
                 return
             if self.proc.returncode is not None:
                 break
             await asyncio.sleep(0.005)
-        err = b""
-        if self.proc.stderr is not None and self.proc.returncode is not None:
-            err = await self.proc.stderr.read()
         await self.stop()
-        raise RuntimeError(f"emulator {self.binary} did not start: "
-                           f"{err.decode(errors='replace').strip()}")
+        try:
+            with open(log, encoding="utf-8", errors="replace") as f:
+                err = f.read()
+        except OSError:
+            err = ""
+        raise RuntimeError(f"emulator {self.binary} did not start: {err.strip()}")
 
     @property
     def pid(self) -> int | None:

@@ -26,6 +26,10 @@ class Monitor:
         self._task: asyncio.Task[None] | None = None
         #: every message exchanged, for timelines and debugging (seam for scenarios)
         self.log: list[tuple[str, Any]] = []
+        #: called once if the emulator goes away without close() (it died or quit)
+        self.on_lost: Callable[[], Awaitable[None]] | None = None
+        self._closing = False
+        self._watch: asyncio.Task[None] | None = None
 
     async def connect(self, path: str, timeout: float = 10.0) -> None:
         """Connect once the emulator accepts (its socket file can precede its listen())."""
@@ -42,6 +46,17 @@ class Monitor:
                 self.client = QMPClient(self.client.name)
                 await asyncio.sleep(0.005)
         self._task = asyncio.get_running_loop().create_task(self._pump())
+        self._watch = asyncio.get_running_loop().create_task(self._watch_runstate())
+
+    async def _watch_runstate(self) -> None:
+        """libvirt's monitor EOF handling: the emulator vanished under us."""
+        from qemu.qmp import Runstate
+
+        with contextlib.suppress(asyncio.CancelledError):
+            while self.client.runstate == Runstate.RUNNING:
+                await self.client.runstate_changed()
+            if not self._closing and self.on_lost is not None:
+                await self.on_lost()
 
     async def _pump(self) -> None:
         with contextlib.suppress(asyncio.CancelledError):
@@ -65,6 +80,12 @@ class Monitor:
         return str(out)
 
     async def close(self) -> None:
+        self._closing = True
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch
+        self._watch = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):

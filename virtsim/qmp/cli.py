@@ -437,6 +437,7 @@ async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None,
                greeter: EarlyGreeter | None = None,
                signals: SignalWatcher | None = None) -> int:
     import asyncio
+    import contextlib
 
     from .emulator import Emulator, StartupError
 
@@ -458,7 +459,10 @@ async def _run(cfg: EmulatorConfig, proc: dict[str, Any], ready_fd: int | None,
     loop = asyncio.get_running_loop()
 
     def on_signal(signo: int, pid: int) -> None:
-        print(_terminating_message(signo, pid), file=sys.stderr, flush=True)
+        # a vanished reader of our stderr (the parent died) must not cost the clean
+        # shutdown that stores persistent bitmaps
+        with contextlib.suppress(OSError):
+            print(_terminating_message(signo, pid), file=sys.stderr, flush=True)
         emu.bus.emit("SHUTDOWN", {"guest": False, "reason": "host-signal"})
         emu.finish_quit()
 

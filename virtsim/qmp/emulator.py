@@ -168,7 +168,10 @@ class Emulator:
 
         # like QEMU, no program-name prefix while a monitor command is running
         prefix = "" if self.in_command else "qemu-system-x86_64: "
-        print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+        try:
+            print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+        except OSError:  # nobody reads our stderr any more; keep running
+            pass
 
     # ----- identity -------------------------------------------------------------------
     def version_info(self) -> dict[str, Any]:
