@@ -446,8 +446,9 @@ class BackupJob(BlockJob):
                 self._settled = True
                 return FILE_IO_LATENCY
             return Finished()
+        started = self._now()
         error = self._run_tasks(tasks)
-        latency = self._in_flight(tasks)
+        latency = self._in_flight(tasks, started)
         if error is not None:
             if wait > 0 or latency > 0:
                 # the job notices once it runs again: after the throttle's sleep, or once
@@ -457,15 +458,15 @@ class BackupJob(BlockJob):
             return self._io_error(error)
         return max(wait, latency)
 
-    def _in_flight(self, tasks: list[tuple[int, int, bool]]) -> float:
+    def _in_flight(self, tasks: list[tuple[int, int, bool]], started: float) -> float:
         """Seconds until a burst's file requests have completed (0.0 without file I/O);
-        until then a cancel waits for them, so its events follow its reply."""
+        until then a cancel waits for them, so its events follow its reply.  The time
+        spent copying counts: the modelled bandwidth caps the speed, it adds no delay."""
         if not self._file_io or not tasks:
             return 0.0
         data = sum(n for _off, n, zero in tasks if not zero)
-        latency = FILE_IO_LATENCY + data / FILE_IO_BANDWIDTH
-        self._in_flight_until = self._now() + latency
-        return latency
+        self._in_flight_until = started + FILE_IO_LATENCY + data / FILE_IO_BANDWIDTH
+        return max(0.0, self._in_flight_until - self._now())
 
     def pause_delay(self) -> float:
         """backup_pause cancels the running block-copy call and waits for its requests."""
@@ -479,8 +480,9 @@ class BackupJob(BlockJob):
         if self._stopped:
             self._stopped = False
             tasks, _wait = self._burst(None)
+            started = self._now()
             self._run_tasks(tasks)  # the cancelled call's errors are not reported
-            self._in_flight(tasks)
+            self._in_flight(tasks, started)
         left = self._in_flight_until - self._now()
         return left if left > 0 else Finished()
 
