@@ -92,6 +92,48 @@ class NbdExport:
         else:
             yield from self._bitmap_runs(context_id - W.META_ID_DIRTY_BITMAP, offset, length)
 
+    def status_flat(self, context_id: int, offset: int, length: int,
+                    limit: int) -> list[int] | None:
+        """A block status chunk's extents as a flat [length, flags, ...] list, already
+        merged and cut to ``limit``, for a frozen exported bitmap (None: use status_runs).
+        List slicing instead of a loop per extent: a 1 TiB map with thousands of dirty
+        areas costs about what QEMU's C loop costs."""
+        i = context_id - W.META_ID_DIRTY_BITMAP
+        if i < 0 or self.bitmaps[i].enabled:
+            return None
+        starts, ends = self._ranges(i)
+        pos, end = offset, offset + length
+        k0 = bisect.bisect_right(ends, pos)
+        k1 = bisect.bisect_left(starts, end)
+        if k0 >= k1:
+            return [length, 0]
+        b = [0] * (2 * (k1 - k0) + 2)
+        b[0], b[-1] = pos, end
+        b[1:-1:2] = starts[k0:k1]
+        b[2:-1:2] = ends[k0:k1]
+        b[1] = max(b[1], pos)
+        b[-2] = min(b[-2], end)
+        lengths = [y - x for x, y in zip(b, b[1:], strict=False)]
+        flags = [0, W.STATE_DIRTY] * (len(lengths) // 2) + [0]
+        first = 1 if lengths[0] == 0 else 0
+        last = len(lengths) - (1 if lengths[-1] == 0 else 0)
+        lengths, flags = lengths[first:last], flags[first:last]
+        out = [0] * (2 * len(lengths))
+        out[0::2] = lengths
+        out[1::2] = flags
+        return out[:2 * limit]
+
+    def _ranges(self, i: int) -> tuple[list[int], list[int]]:
+        cached = self._bm_ranges.get(i)
+        if cached is None:
+            starts: list[int] = []
+            ends: list[int] = []
+            for off, n in self.bitmaps[i].dirty_extents(0, None):
+                starts.append(off)
+                ends.append(off + n)
+            cached = self._bm_ranges[i] = (starts, ends)
+        return cached
+
     def _bitmap_runs(self, i: int, offset: int, length: int) -> Iterator[tuple[int, int]]:
         """A disabled bitmap cannot change while exported (it is busy), so its dirty
         ranges are listed once and each request only slices them."""
@@ -99,15 +141,7 @@ class NbdExport:
         if bm.enabled:
             yield from _bitmap_runs(bm, offset, length)
             return
-        cached = self._bm_ranges.get(i)
-        if cached is None:
-            starts: list[int] = []
-            ends: list[int] = []
-            for off, n in bm.dirty_extents(0, None):
-                starts.append(off)
-                ends.append(off + n)
-            cached = self._bm_ranges[i] = (starts, ends)
-        starts, ends = cached
+        starts, ends = self._ranges(i)
         pos, end = offset, offset + length
         k = bisect.bisect_right(ends, pos)
         while k < len(starts) and starts[k] < end:

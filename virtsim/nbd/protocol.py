@@ -778,7 +778,12 @@ class ServerConnection:
         for n, cid in enumerate(ids):
             last = n == len(ids) - 1
             try:
-                extents = _merge_runs(exp.status_runs(cid, req.offset, req.length), limit)
+                flat = getattr(exp, "status_flat", None)
+                values = flat(cid, req.offset, req.length, limit) if flat else None
+                if values is None:
+                    extents = _merge_runs(exp.status_runs(cid, req.offset, req.length),
+                                          limit)
+                    values = [v for ext in extents for v in ext]
             except OSError as e:
                 text = b"can't get block status"
                 payload = struct.pack(">IH", W.errno_to_wire(e.errno or errno.EIO),
@@ -787,8 +792,7 @@ class ServerConnection:
                 # contexts: a client that asked for several sees chunks after DONE
                 self._chunk(W.REPLY_FLAG_DONE, W.REPLY_TYPE_ERROR, h, payload)
                 continue
-            body = struct.pack(f">I{2 * len(extents)}I", cid,
-                               *[v for ext in extents for v in ext])
+            body = struct.pack(f">I{len(values)}I", cid, *values)
             self._chunk(W.REPLY_FLAG_DONE if last else 0, W.REPLY_TYPE_BLOCK_STATUS, h, body)
 
 
