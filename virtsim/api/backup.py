@@ -49,6 +49,11 @@ VIRTSIM_BACKUP_LIST_PULL = 1 << 1
 VIRTSIM_BACKUP_LIST_ACTIVE = 1 << 2
 VIRTSIM_BACKUP_LIST_FINISHED = 1 << 3
 
+#: qemuAliasTLSObjFromSrcAlias("libvirt_backup")
+TLS_ALIAS = "objlibvirt_backup_tls0"
+#: libvirt's default_tls_x509_cert_dir, which backup_tls_x509_cert_dir defaults to
+DEFAULT_TLS_DIR = "/etc/pki/qemu"
+
 _BEGIN_FLAGS = (c.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL | VIRTSIM_BACKUP_BEGIN_NO_METADATA
                 | VIRTSIM_BACKUP_BEGIN_QUIESCE)
 
@@ -94,6 +99,7 @@ class BackupJob:
     reuse_external: bool = False
     aborted: bool = False
     nbd_started: bool = False
+    tls_object: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     stats_final: dict[str, Any] | None = None
     #: the emulator is going away: no more QMP from this job (the monitor is closed by
@@ -229,6 +235,7 @@ class BackupJob:
             return
         with contextlib.suppress(Exception):
             await self.mon.execute("nbd-server-stop")
+        await _drop_tls(self)
 
     async def _terminate(self, status: int) -> None:
         """qemuBackupJobTerminate: clean up, record the completed job, emit the event."""
@@ -294,8 +301,6 @@ async def begin(drv: Driver, dom: DomainObj, backup_xml: str, checkpoint_xml: st
         srv = defn.server
         if srv is None or srv.transport == "tcp" and srv.port is None:
             raise E.BACKUP_TCP_PORT_REQUIRED()
-        if defn.tls:
-            raise E.BACKUP_TLS_NOT_CONFIGURED()
     if not chosen:
         raise E.BACKUP_NO_DISKS_SELECTED()
     fill_driver_defaults(defn)
@@ -518,11 +523,33 @@ async def _start_nbd(dom: DomainObj, job: BackupJob) -> None:
     else:
         addr = {"type": "inet", "data": {"host": srv.name or "localhost",
                                          "port": str(srv.port)}}
+    args: dict[str, Any] = {"addr": addr}
+    if job.defn.tls:
+        # libvirt: x509 credentials from backup_tls_x509_cert_dir (qemu.conf; here the
+        # URI's tls_x509_cert_dir, defaulting like libvirt to /etc/pki/qemu), verified
+        # clients, and the object gone again when the server stops
+        try:
+            await job.mon.execute("object-add", {
+                "qom-type": "tls-creds-x509", "id": TLS_ALIAS, "endpoint": "server",
+                "dir": job.drv.config.tls_x509_cert_dir or DEFAULT_TLS_DIR,
+                "verify-peer": job.drv.config.tls_x509_verify})
+        except Exception as e:
+            raise qmp_error(e, "object-add") from None
+        job.tls_object = True
+        args["tls-creds"] = TLS_ALIAS
     try:
-        await job.mon.execute("nbd-server-start", {"addr": addr})
+        await job.mon.execute("nbd-server-start", args)
     except Exception as e:
+        await _drop_tls(job)
         raise qmp_error(e, "nbd-server-start") from None
     job.nbd_started = True
+
+
+async def _drop_tls(job: BackupJob) -> None:
+    if job.tls_object and job.dom.monitor is not None:
+        job.tls_object = False
+        with contextlib.suppress(Exception):
+            await job.dom.monitor.execute("object-del", {"id": TLS_ALIAS})
 
 
 async def _rollback(job: BackupJob) -> None:
@@ -545,6 +572,7 @@ async def _rollback(job: BackupJob) -> None:
             with contextlib.suppress(Exception):
                 await mon.execute("nbd-server-stop")
         job.nbd_started = False
+    await _drop_tls(job)
 
 
 def active_job(dom: DomainObj) -> BackupJob | None:

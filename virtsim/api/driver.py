@@ -53,6 +53,9 @@ class DriverConfig:
     mode: str = "embedded"                  # embedded | session
     emulator: str | None = None             # None: simulated; else a binary to run
     statedir: str | None = None
+    #: qemu.conf's backup_tls_x509_cert_dir / backup_tls_x509_verify, as URI parameters
+    tls_x509_cert_dir: str | None = None
+    tls_x509_verify: bool = True
 
     @property
     def embedded_emulators(self) -> bool:
@@ -68,7 +71,9 @@ def parse_uri(uri: str) -> DriverConfig:
         raise E.make_error(c.VIR_ERR_NO_CONNECT, c.VIR_FROM_NONE, uri)
     q = {k: v[-1] for k, v in parse_qs(u.query).items()}
     return DriverConfig(uri=uri, mode=path, emulator=q.get("emulator"),
-                        statedir=q.get("statedir"))
+                        statedir=q.get("statedir"),
+                        tls_x509_cert_dir=q.get("tls_x509_cert_dir"),
+                        tls_x509_verify=q.get("tls_x509_verify", "1") not in ("0", "no"))
 
 
 @dataclass
@@ -403,7 +408,7 @@ atexit.register(_close_all)
 def acquire(uri: str) -> Driver:
     """The shared driver for ``uri`` (libvirt: every connection sees the same domains)."""
     cfg = parse_uri(uri)
-    key = f"{cfg.mode}|{cfg.emulator}|{cfg.statedir}"
+    key = f"{cfg.mode}|{cfg.emulator}|{cfg.statedir}|{cfg.tls_x509_cert_dir}"
     drv = _DRIVERS.get(key)
     if drv is None:
         drv = _DRIVERS[key] = Driver(cfg)
