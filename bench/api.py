@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from virtsim.cli import apply_dirty
+
 MiB = 1 << 20
 TOOL = "/work/shared/tools/real-libvirt.sh"
 
@@ -51,37 +53,6 @@ def _wait_done(lv: Any, dom: Any) -> None:
         if dom.jobStats().get("type", 0) == 0:
             return
         time.sleep(0.002)
-
-
-def _apply_dirty(uri: str, target: str, ctx: str) -> int:
-    import nbd  # type: ignore[import-untyped]
-
-    h = nbd.NBD()
-    h.add_meta_context(ctx)
-    h.connect_uri(uri)
-    size = h.get_size()
-    pos, dirty = 0, []
-
-    def cb(_ctx: str, _off: int, entries: list[int], _err: Any) -> int:
-        nonlocal pos
-        for i in range(0, len(entries), 2):
-            if entries[i + 1] & 1:
-                dirty.append((pos, entries[i]))
-            pos += entries[i]
-        return 0
-
-    while pos < size:
-        h.block_status(min(size - pos, 1 << 30), pos, cb)
-    moved = 0
-    with open(target, "r+b") as f:
-        for off, n in dirty:
-            for o in range(off, off + n, 32 * MiB):
-                k = min(32 * MiB, off + n - o)
-                f.seek(o)
-                f.write(h.pread(k, o))
-                moved += k
-    h.shutdown()
-    return moved
 
 
 def flow(lv: Any, uri: str, workdir: str, size_mib: int, name: str) -> dict[str, float]:
@@ -128,7 +99,7 @@ def flow(lv: Any, uri: str, workdir: str, size_mib: int, name: str) -> dict[str,
         lap("(reference snapshot)")
         dom.backupBegin(pull.format(inc=f"<incremental>{name}-c1</incremental>"), None, 0)
         lap("backupBegin")
-        _apply_dirty(f"nbd+unix:///vda?socket={sock}", full, "qemu:dirty-bitmap:backup-vda")
+        apply_dirty(f"nbd+unix:///vda?socket={sock}", full, "qemu:dirty-bitmap:backup-vda")
         lap("data: incremental via dirty bitmap")
         dom.abortJob()
         _wait_done(lv, dom)

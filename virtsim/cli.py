@@ -163,7 +163,7 @@ class ApiDemo:
             dom.backupBegin(pull_xml.format(inc="<incremental>c3</incremental>"),
                             "<domaincheckpoint><name>c4</name></domaincheckpoint>")
             self.guest(dom, "write -P 0x99 8M 64k")      # after the point in time
-            moved = self.apply_dirty(f"nbd+unix:///vda?socket={sock}", full_raw)
+            moved = apply_dirty(f"nbd+unix:///vda?socket={sock}", full_raw)
             _say(f"   {self.t()}  libnbd read {moved} dirty bytes through "
                  f"qemu:dirty-bitmap:backup-vda and applied them to the full copy")
             dom.abortJob()
@@ -177,35 +177,40 @@ class ApiDemo:
             conn.close()
         return 0 if self.ok else 1
 
-    @staticmethod
-    def apply_dirty(uri: str, target: str) -> int:
-        import nbd  # type: ignore[import-untyped]
 
-        h = nbd.NBD()
-        h.add_meta_context("qemu:dirty-bitmap:backup-vda")
-        h.connect_uri(uri)
-        size = h.get_size()
-        dirty: list[tuple[int, int]] = []
-        pos = 0
+def apply_dirty(uri: str, target: str, context: str = "qemu:dirty-bitmap:backup-vda") -> int:
+    """Read the dirty extents of ``context`` over NBD (libnbd) into the raw ``target``:
+    what an incremental pull client does.  Returns the bytes moved."""
+    import nbd  # type: ignore[import-untyped]
 
-        def cb(ctx: str, off: int, entries: list[int], err: Any) -> int:
-            nonlocal pos
-            for i in range(0, len(entries), 2):
-                if entries[i + 1] & 1:
-                    dirty.append((pos, entries[i]))
-                pos += entries[i]
-            return 0
+    h = nbd.NBD()
+    h.add_meta_context(context)
+    h.connect_uri(uri)
+    size = h.get_size()
+    dirty: list[tuple[int, int]] = []
+    pos = 0
 
-        while pos < size:
-            h.block_status(min(size - pos, 1 << 30), pos, cb)
-        moved = 0
-        with open(target, "r+b") as f:
-            for off, n in dirty:
-                f.seek(off)
-                f.write(h.pread(n, off))
-                moved += n
-        h.shutdown()
-        return moved
+    def cb(ctx: str, off: int, entries: list[int], err: Any) -> int:
+        nonlocal pos
+        for i in range(0, len(entries), 2):
+            if entries[i + 1] & 1:
+                dirty.append((pos, entries[i]))
+            pos += entries[i]
+        return 0
+
+    while pos < size:
+        h.block_status(min(size - pos, 1 << 30), pos, cb)
+    moved = 0
+    step = 32 << 20   # QEMU's largest request
+    with open(target, "r+b") as f:
+        for off, n in dirty:
+            for o in range(off, off + n, step):
+                k = min(step, off + n - o)
+                f.seek(o)
+                f.write(h.pread(k, o))
+                moved += k
+    h.shutdown()
+    return moved
 
 
 def demo(workdir: str, uri: str = "virtsim:///embedded") -> int:

@@ -14,38 +14,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from . import wire as W
+
 Buffer = bytes | bytearray | memoryview
-
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC_OPT = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-
-OPT_ABORT = 2
-OPT_GO = 7
-REP_ACK = 1
-REP_INFO = 3
-REP_ERR_BIT = 1 << 31
-REP_ERR_UNKNOWN = REP_ERR_BIT | 6
-INFO_EXPORT = 0
-INFO_BLOCK_SIZE = 3
-
-# transmission flags
-TF_READ_ONLY = 1 << 1
-TF_SEND_FLUSH = 1 << 2
-TF_SEND_TRIM = 1 << 5
-TF_SEND_WRITE_ZEROES = 1 << 6
-
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
-CMD_FLAG_NO_HOLE = 1 << 1
-
-# NBD's wire error numbers are Linux's for these; anything else arrives as EINVAL (spec).
-_WIRE_ERRNO = {1: errno.EPERM, 5: errno.EIO, 12: errno.ENOMEM, 22: errno.EINVAL,
-               28: errno.ENOSPC, 75: errno.EOVERFLOW, 95: errno.ENOTSUP, 108: errno.ESHUTDOWN}
 
 # keep each request below the 32 MiB most servers accept
 MAX_REQUEST = 32 << 20
@@ -117,7 +88,7 @@ class NbdClient:
             self._sock.close()
             self._sock = None
             raise
-        self.export_readonly = bool(self.flags & TF_READ_ONLY)
+        self.export_readonly = bool(self.flags & W.TF_READ_ONLY)
 
     # ----- wire ----------------------------------------------------------------------
     def _s(self) -> socket.socket:
@@ -137,33 +108,33 @@ class NbdClient:
 
     def _handshake(self) -> tuple[int, int]:
         magic, opt, hflags = struct.unpack(">QQH", self._recv(18))
-        if magic != NBDMAGIC:
+        if magic != W.NBDMAGIC:
             raise NbdError("Bad initial magic received")
-        if opt != IHAVEOPT:
+        if opt != W.IHAVEOPT:
             raise NbdError("Server does not support fixed newstyle negotiation")
-        cflags = FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES)
+        cflags = W.FLAG_FIXED_NEWSTYLE | (hflags & W.FLAG_NO_ZEROES)
         sock = self._s()
         sock.sendall(struct.pack(">I", cflags))
         name = self.export.encode()
-        payload = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, INFO_BLOCK_SIZE)
-        sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, len(payload)) + payload)
+        payload = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, W.INFO_BLOCK_SIZE)
+        sock.sendall(struct.pack(">QII", W.IHAVEOPT, W.OPT_GO, len(payload)) + payload)
         size: int | None = None
         tflags = 0
         while True:
             rmagic, ropt, rtype, rlen = struct.unpack(">QIII", self._recv(20))
             data = self._recv(rlen) if rlen else b""
-            if rmagic != REPLY_MAGIC_OPT or ropt != OPT_GO:
+            if rmagic != W.OPT_REPLY_MAGIC or ropt != W.OPT_GO:
                 raise NbdError("Unexpected option reply")
-            if rtype & REP_ERR_BIT:
-                if rtype == REP_ERR_UNKNOWN:  # QEMU drops the server's own message
+            if rtype & W.REP_ERR_BIT:
+                if rtype == W.REP_ERR_UNKNOWN:  # QEMU drops the server's own message
                     raise NbdError("Requested export not available")
                 msg = data.decode(errors="replace")
                 raise NbdError(msg or f"Server rejected option NBD_OPT_GO ({rtype:#x})")
-            if rtype == REP_INFO and len(data) >= 2:
+            if rtype == W.REP_INFO and len(data) >= 2:
                 (itype,) = struct.unpack(">H", data[:2])
-                if itype == INFO_EXPORT:
+                if itype == W.INFO_EXPORT:
                     size, tflags = struct.unpack(">QH", data[2:12])
-            elif rtype == REP_ACK:
+            elif rtype == W.REP_ACK:
                 break
         if size is None:
             raise NbdError("Server did not send export information")
@@ -188,19 +159,19 @@ class NbdClient:
     def _exchange(self, cmd: int, offset: int, length: int, data: Buffer,
                   flags: int) -> bytes:
         self._handle += 1
-        hdr = struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, self._handle, offset, length)
+        hdr = struct.pack(">IHHQQI", W.REQUEST_MAGIC, flags, cmd, self._handle, offset, length)
         sock = self._s()
         sock.sendall(hdr + bytes(data) if len(data) < 65536 else hdr)
         if len(data) >= 65536:
             sock.sendall(data)
-        if cmd == CMD_DISC:
+        if cmd == W.CMD_DISC:
             return b""
         magic, err, handle = struct.unpack(">IIQ", self._recv(16))
-        if magic != SIMPLE_REPLY_MAGIC or handle != self._handle:
+        if magic != W.SIMPLE_REPLY_MAGIC or handle != self._handle:
             raise ConnectionError("bad reply")
         if err:
-            raise _ReplyError(_WIRE_ERRNO.get(err, errno.EINVAL))
-        return self._recv(length) if cmd == CMD_READ else b""
+            raise _ReplyError(W.wire_to_errno(err))
+        return self._recv(length) if cmd == W.CMD_READ else b""
 
     # ----- Store ---------------------------------------------------------------------
     def size(self) -> int:
@@ -213,7 +184,7 @@ class NbdClient:
         pos = offset
         while len(out) < inside:
             n = min(MAX_REQUEST, inside - len(out))
-            out += self._request(CMD_READ, pos, n)
+            out += self._request(W.CMD_READ, pos, n)
             pos += n
         return bytes(out) + bytes(length - inside)
 
@@ -223,7 +194,7 @@ class NbdClient:
         view = memoryview(bytes(data))
         for i in range(0, len(view), MAX_REQUEST):
             chunk = view[i:i + MAX_REQUEST]
-            self._request(CMD_WRITE, offset + i, len(chunk), chunk)
+            self._request(W.CMD_WRITE, offset + i, len(chunk), chunk)
 
     def _ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         return [(offset + i, min(MAX_REQUEST, length - i)) for i in range(0, length, MAX_REQUEST)]
@@ -233,10 +204,10 @@ class NbdClient:
         if self.readonly:
             raise oserror(errno.EPERM)
         for off, n in self._ranges(offset, length):
-            if self.flags & TF_SEND_WRITE_ZEROES:
-                self._request(CMD_WRITE_ZEROES, off, n, flags=0 if unmap else CMD_FLAG_NO_HOLE)
+            if self.flags & W.TF_SEND_WRITE_ZEROES:
+                self._request(W.CMD_WRITE_ZEROES, off, n, flags=0 if unmap else W.CMD_FLAG_NO_HOLE)
             else:
-                self._request(CMD_WRITE, off, n, bytes(n))
+                self._request(W.CMD_WRITE, off, n, bytes(n))
 
     def zero_range(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length, unmap=False)
@@ -245,13 +216,13 @@ class NbdClient:
         """NBD_CMD_TRIM: advisory, so a server without it simply keeps the data."""
         if self.readonly:
             raise oserror(errno.EPERM)
-        if self.flags & TF_SEND_TRIM:
+        if self.flags & W.TF_SEND_TRIM:
             for off, n in self._ranges(offset, length):
-                self._request(CMD_TRIM, off, n)
+                self._request(W.CMD_TRIM, off, n)
 
     def flush(self) -> None:
-        if self.flags & TF_SEND_FLUSH and not self.readonly:
-            self._request(CMD_FLUSH, 0, 0)
+        if self.flags & W.TF_SEND_FLUSH and not self.readonly:
+            self._request(W.CMD_FLUSH, 0, 0)
 
     def truncate(self, size: int) -> None:
         """An export has a fixed size (NBD has no resize command)."""
@@ -270,7 +241,7 @@ class NbdClient:
         if self._sock is None:
             return
         try:
-            self._exchange(CMD_DISC, 0, 0, b"", 0)
+            self._exchange(W.CMD_DISC, 0, 0, b"", 0)
         except OSError:
             pass
         finally:
