@@ -13,7 +13,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from . import perm as P
 from .bitmap import BitmapList, DirtyBitmap
@@ -542,7 +542,12 @@ class NodeStore:
         return self.node.read(offset, length)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self.node.write(offset, bytes(data))
+        if type(self.node) is FileNode:
+            # a file node hands any buffer to pwrite(2) as it is: no copy of every cluster
+            # a format writes (Node.write only needs len() of it)
+            self.node.write(offset, cast(bytes, data))
+        else:
+            self.node.write(offset, bytes(data))
 
     def size(self) -> int:
         n = self.node
