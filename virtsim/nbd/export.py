@@ -45,7 +45,7 @@ class NbdExport:
     def __init__(self, *, export_id: str, name: str, description: str | None,
                  node: Node, edge: Edge | None, writable: bool, multi_conn: bool,
                  bitmaps: list[DirtyBitmap], bitmap_names: list[str],
-                 allocation_depth: bool) -> None:
+                 allocation_depth: bool, frozen: list[bool] | None = None) -> None:
         self.id = export_id
         self.name = name
         self.description = description
@@ -56,6 +56,9 @@ class NbdExport:
         self.nbdflags = export_flags(writable, multi_conn)
         self.bitmaps = bitmaps
         self.bitmap_names = bitmap_names
+        #: bitmaps that cannot change while exported (busy; disabled, or on a read-only
+        #: node): their dirty ranges are listed once
+        self.frozen = frozen if frozen is not None else [not bm.enabled for bm in bitmaps]
         self.allocation_depth = allocation_depth
         #: connected clients (anything with ``close()``); each holds a reference
         self.clients: set[Any] = set()
@@ -99,7 +102,7 @@ class NbdExport:
         List slicing instead of a loop per extent: a 1 TiB map with thousands of dirty
         areas costs about what QEMU's C loop costs."""
         i = context_id - W.META_ID_DIRTY_BITMAP
-        if i < 0 or self.bitmaps[i].enabled:
+        if i < 0 or not self.frozen[i]:
             return None
         starts, ends = self._ranges(i)
         pos, end = offset, offset + length
@@ -126,19 +129,14 @@ class NbdExport:
     def _ranges(self, i: int) -> tuple[list[int], list[int]]:
         cached = self._bm_ranges.get(i)
         if cached is None:
-            starts: list[int] = []
-            ends: list[int] = []
-            for off, n in self.bitmaps[i].dirty_extents(0, None):
-                starts.append(off)
-                ends.append(off + n)
-            cached = self._bm_ranges[i] = (starts, ends)
+            cached = self._bm_ranges[i] = self.bitmaps[i].dirty_ranges()
         return cached
 
     def _bitmap_runs(self, i: int, offset: int, length: int) -> Iterator[tuple[int, int]]:
         """A disabled bitmap cannot change while exported (it is busy), so its dirty
         ranges are listed once and each request only slices them."""
         bm = self.bitmaps[i]
-        if bm.enabled:
+        if not self.frozen[i]:
             yield from _bitmap_runs(bm, offset, length)
             return
         starts, ends = self._ranges(i)

@@ -241,6 +241,32 @@ class DirtyBitmap:
             hi = min(b << self._shift, end)
             yield lo, hi - lo
 
+    def dirty_ranges(self) -> tuple[list[int], list[int]]:
+        """Every dirty byte range as parallel ``starts``/``ends`` lists (clipped to the
+        node): one pass over the set granules while there are few of them (what an NBD
+        export of a frozen bitmap lists once), the run-by-run walk otherwise."""
+        starts: list[int] = []
+        ends: list[int] = []
+        if len(self._bits) > (1 << 20):
+            for off, n in self.dirty_extents(0, None):
+                starts.append(off)
+                ends.append(off + n)
+            return starts, ends
+        shift, size = self._shift, self.size
+        prev = -2
+        for g in self._bits.to_array():
+            if g != prev + 1:
+                if starts:
+                    ends.append(min((prev + 1) << shift, size))
+                if g << shift >= size:
+                    prev = -2
+                    break
+                starts.append(g << shift)
+            prev = g
+        if len(ends) < len(starts):
+            ends.append(min((prev + 1) << shift, size))
+        return starts, ends
+
     def next_dirty(self, offset: int, length: int | None = None) -> int | None:
         """First dirty byte at or after ``offset`` within the window (``hbitmap_next_dirty``)."""
         start, end = self._range(offset, length)

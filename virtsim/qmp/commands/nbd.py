@@ -279,8 +279,12 @@ def _create(emu: Emulator, a: dict[str, Any], node: Node, blk: Any,
     # no resizing under a client's feet
     emu.graph.update_perms(blk.root_edge, blk.root_edge.perm, P.ALL & ~P.RESIZE)
     bitmaps: list[DirtyBitmap] = []
+    frozen: list[bool] = []
     for item in a.get("bitmaps", []):
-        bitmaps.append(_find_bitmap(emu, node, item, writable))
+        holder, bm = _find_bitmap(emu, node, item, writable)
+        bitmaps.append(bm)
+        # busy while exported, so only recording could change it: not on a read-only node
+        frozen.append(not bm.enabled or holder.read_only)
     for bm in bitmaps:
         check_bitmap(bm, CHECK_ALLOW_RO)
     for bm in bitmaps:
@@ -288,7 +292,7 @@ def _create(emu: Emulator, a: dict[str, Any], node: Node, blk: Any,
     exp = NbdExport(export_id=a["id"], name=name, description=desc, node=node,
                     edge=blk.root_edge, writable=writable,
                     multi_conn=srv.max_connections != 1, bitmaps=bitmaps,
-                    bitmap_names=[bm.name or "" for bm in bitmaps],
+                    bitmap_names=[bm.name or "" for bm in bitmaps], frozen=frozen,
                     allocation_depth=bool(a.get("allocation-depth", False)))
     exp.backend = blk  # type: ignore[attr-defined]
     srv.exports.append(exp)
@@ -296,16 +300,18 @@ def _create(emu: Emulator, a: dict[str, Any], node: Node, blk: Any,
     return exp
 
 
-def _find_bitmap(emu: Emulator, node: Node, item: Any, writable: bool) -> DirtyBitmap:
+def _find_bitmap(emu: Emulator, node: Node, item: Any,
+                 writable: bool) -> tuple[Node, DirtyBitmap]:
+    """The bitmap an export names, and the node that holds it."""
     if isinstance(item, dict):
-        return bitmap_lookup(emu.graph, item["node"], item["name"])[1]
+        return bitmap_lookup(emu.graph, item["node"], item["name"])
     bs: Node | None = node
     while bs is not None:
         bm = bs.bitmaps.find(item)
         if bm is not None:
             if not writable and _is_writable(bs) and bm.enabled:
                 raise SimError(f"Enabled bitmap '{item}' incompatible with readonly export")
-            return bm
+            return bs, bm
         bs = bs.backing or (bs.file if bs.is_filter else None)
     raise SimError(f"Bitmap '{item}' is not found")
 
